@@ -1,0 +1,164 @@
+"""The `brts` command line: one click group that parses options and delegates; no logic lives here.
+
+A subcommand whose issue has not landed yet says so in one line and exits 2, so scripts can tell "not yet"
+from "failed" (1) and "bad usage" (click's own 2 with a usage message).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import click
+
+NOT_YET_EXIT = 2
+
+
+def _not_yet(command: str, issue: int, what: str) -> NoReturn:
+    click.echo(f"brts {command}: {what} is not available yet (it lands with issue #{issue}).", err=True)
+    sys.exit(NOT_YET_EXIT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="brts", prog_name="brts")
+def main() -> None:
+    """On-policy distillation with Best-of-N teacher rollout selection (BRTS).
+
+    A shared, cached teacher server (serve, prewarm, cache) and a distributed student trainer
+    (train, eval, report). `brts demo` runs the whole pipeline on a CPU in minutes.
+    """
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of server settings.")
+@click.option("--engine", type=click.Choice(["hf", "vllm", "sglang"]), default=None, help="Generation engine [hf].")
+@click.option("--model", type=click.Path(), help="Teacher model directory (HF format).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="LMDB cache directory.")
+@click.option("--host", default=None, help="Bind address [127.0.0.1]; any other needs --tls-cert, --tls-key, --token-file.")
+@click.option("--port", type=int, default=None, help="Port [50051]; 0 picks a free one.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate for TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for TLS.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
+@click.option("--max-logprob-k", type=int, default=None, help="Largest teacher top-K served per position [16, at most 64].")
+@click.option("--device", default=None, help="Device for the hf engine and the scorer: auto, cpu, cuda, cuda:N.")
+@click.option("--mem-fraction", type=float, default=None, help="GPU memory share of vllm/sglang, the rest is the scorer's.")
+@click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
+@click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
+@click.argument("overrides", nargs=-1)
+def serve(**_: object) -> None:
+    """Run the teacher server (gRPC TeacherService) until SIGTERM/SIGINT. Extra KEY=VALUE override settings."""
+    _not_yet("serve", 5, "the teacher server")
+
+
+@main.command()
+@click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of a running `brts serve`.")
+@click.option("--dataset", default="dapo", show_default=True, help="dapo, an eval set name, or a JSONL/parquet path.")
+@click.option("--n-tier1", type=int, default=4, show_default=True, help="Tier-1 samples per prompt.")
+@click.option("--n-tier2", type=int, default=1, show_default=True, help="Hinted samples when all Tier-1 fail.")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight.")
+@click.option("--check", is_flag=True, help="Ask for a sample with generation disabled and report the hit rate.")
+@click.option("--tokenizer", default=None, help="Tokenizer (bundled name or directory) for the prompt spec.")
+@click.option("--chat-template", default=None, help="Chat template: bundled name, tokenizer_config.json or literal.")
+@click.option("--max-prompt-len", type=int, default=None, help="Prompts longer than this are skipped.")
+@click.argument("overrides", nargs=-1)
+def prewarm(**_: object) -> None:
+    """Fill the server's cache over a dataset, as a client of the running server."""
+    _not_yet("prewarm", 5, "cache prewarming")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML training config.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to launch on this node.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Checkpoint directory to continue from.")
+@click.argument("overrides", nargs=-1)
+def train(**_: object) -> None:
+    """Train a student with BRTS (or the OPD baseline) against a teacher server. KEY=VALUE override settings."""
+    _not_yet("train", 7, "distributed training")
+
+
+@main.command(name="eval")
+@click.option("--model", type=click.Path(), help="Student model directory or checkpoint export.")
+@click.option("--benchmarks", default="aime24,aime25,amc23", show_default=True, help="Comma-separated bundled sets.")
+@click.option("--dataset", type=click.Path(dir_okay=False), help="Any JSONL/parquet with problem and answer columns.")
+@click.option("--n", type=int, default=4, show_default=True, help="Samples per problem.")
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--max-new-tokens", type=int, default=31744, show_default=True)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first L problems of each set.")
+@click.option("--out", type=click.Path(file_okay=False), default="eval-out", show_default=True)
+def eval_(**_: object) -> None:
+    """Evaluate a model on AIME 2024/2025 and AMC 2023: mean@n, pass@n, majority@n and the paper's bootstrap."""
+    _not_yet("eval", 9, "evaluation")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and maintain a candidate cache directory (also while a server uses it)."""
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def stats(directory: str) -> None:
+    """Entries, pools, size, bytes per token and tier composition, per teacher fingerprint."""
+    _not_yet("cache stats", 4, "the candidate cache")
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def verify(directory: str) -> None:
+    """Re-read every entry and check its checksum; exit non-zero on damage."""
+    _not_yet("cache verify", 4, "the candidate cache")
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--prompt-id", default=None, help="Dataset id of the prompt.")
+@click.option("--text", default=None, help="Problem text.")
+def inspect(directory: str, prompt_id: str | None, text: str | None) -> None:
+    """Show one pool as text."""
+    _not_yet("cache inspect", 4, "the candidate cache")
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--keep-teacher", required=True, help="Teacher fingerprint whose entries are kept.")
+def gc(directory: str, keep_teacher: str) -> None:
+    """Drop other teachers' entries."""
+    _not_yet("cache gc", 4, "the candidate cache")
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def compact(directory: str) -> None:
+    """Copy into a fresh environment (LMDB files never shrink)."""
+    _not_yet("cache compact", 4, "the candidate cache")
+
+
+@cache.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+def export(directory: str, out: str) -> None:
+    """Write token ids, answers and flags as parquet or JSONL (by OUT's extension)."""
+    _not_yet("cache export", 4, "the candidate cache")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write plots [RUN_DIR/report].")
+def report(run_dirs: tuple[str, ...], out: str | None) -> None:
+    """Plots and a Markdown summary of one or several runs, side by side."""
+    _not_yet("report", 9, "run reports")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False), default="brts-demo", show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True)
+def demo(out: str, seeds: int) -> None:
+    """BRTS vs OPD end to end on a CPU in minutes: serve, prewarm, train, eval, report."""
+    _not_yet("demo", 10, "the demo")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

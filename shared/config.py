@@ -1,0 +1,413 @@
+"""Settings for every command as dataclasses that validate themselves on construction.
+
+A bad value fails before anything heavy loads, with one message naming the field and what is allowed
+(``train.lr: must be > 0, got -1.0``). Files are YAML; ``key=value`` overrides from the command line use dotted
+keys for nested sections (``prompt.max_prompt_len=512``) and YAML syntax for values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from brts.shared.prompts import DEFAULT_INSTRUCTION_SUFFIX
+
+MAX_LOGPROB_K = 64
+BENCHMARKS = ("aime24", "aime25", "amc23")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _fail(path: str, message: str) -> None:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (coercing ints to floats and lists to tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        _fail(path, errors[0].split(": ", 1)[1] if errors else f"invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            _fail(path, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"must be a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            _fail(path, f"must be a mapping of {tp.__name__} settings, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+C = TypeVar("C")
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], path: str | None = None) -> C:
+    """Build ``cls`` from a mapping, rejecting unknown keys with the list of known ones."""
+    prefix = path or getattr(cls, "SECTION", cls.__name__)
+    if not isinstance(data, Mapping):
+        _fail(prefix, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        _fail(f"{prefix}.{unknown[0]}", f"unknown setting; known settings: {', '.join(names)}")
+    kwargs = {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+class _Validated:
+    """Mixin: type-check every field, then run the class's own ``check``, on construction."""
+
+    SECTION = "config"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self.SECTION}.{f.name}"))
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field and range rules; raise ConfigError through ``self.fail``."""
+
+    def fail(self, name: str, message: str) -> None:
+        _fail(f"{self.SECTION}.{name}", message)
+
+    def require(self, ok: bool, name: str, message: str) -> None:
+        if not ok:
+            self.fail(name, f"{message}, got {getattr(self, name.split('.')[0])!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass
+class PromptConfig(_Validated):
+    """How problems become prompt ids (``brts.shared.prompts.PromptSpec``); identical for prewarm, train, eval."""
+
+    SECTION = "prompt"
+    tokenizer: str = "qwen2.5-instruct"
+    chat_template: str | None = None
+    instruction_suffix: str = DEFAULT_INSTRUCTION_SUFFIX
+    system_prompt: str | None = None
+    max_prompt_len: int = 1024
+
+    def check(self) -> None:
+        self.require(self.max_prompt_len >= 1, "max_prompt_len", "must be >= 1")
+        self.require(bool(self.tokenizer.strip()), "tokenizer", "must name a bundled tokenizer or a directory")
+
+
+@dataclass
+class SamplingConfig(_Validated):
+    """Teacher sampling: the reference's T=0.7, top_p=0.95 (brts-reference §12); top_k -1 = off."""
+
+    SECTION = "sampling"
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = -1
+    max_new_tokens: int = 7168
+    seed: int = 0
+
+    def check(self) -> None:
+        self.require(self.temperature >= 0, "temperature", "must be >= 0")
+        self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.require(self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (off) or >= 1")
+        self.require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig(_Validated):
+    """`brts serve`: the teacher engine, its cache and how it is reached."""
+
+    SECTION = "server"
+    model: str = ""
+    engine: Literal["hf", "vllm", "sglang"] = "hf"
+    cache_dir: str = "brts-cache"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_logprob_k: int = 16
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token_file: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_prompts_per_call: int = 256
+    max_samples_per_prompt: int = 64
+    max_pool_offset: int = 1 << 20
+    batch_window_ms: float = 10.0
+    mem_fraction: float = 0.6
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+    sglang_url: str | None = None
+
+    def check(self) -> None:
+        self.require(bool(self.model.strip()), "model", "must be a model directory")
+        self.require(0 <= self.port <= 65535, "port", "must be in 0..65535 (0 picks a free port)")
+        self.require(1 <= self.max_logprob_k <= MAX_LOGPROB_K, "max_logprob_k", f"must be in 1..{MAX_LOGPROB_K}")
+        self.require(self.max_prompts_per_call >= 1, "max_prompts_per_call", "must be >= 1")
+        self.require(self.max_samples_per_prompt >= 1, "max_samples_per_prompt", "must be >= 1")
+        self.require(self.max_pool_offset >= 0, "max_pool_offset", "must be >= 0")
+        self.require(self.batch_window_ms >= 0, "batch_window_ms", "must be >= 0")
+        self.require(0 < self.mem_fraction < 1, "mem_fraction", "must be in (0, 1)")
+        self.require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
+        self.require(self.data_parallel >= 1, "data_parallel", "must be >= 1")
+        if not _is_loopback(self.host):
+            missing = [n for n in ("tls_cert", "tls_key", "token_file") if not getattr(self, n)]
+            if missing:
+                self.fail(
+                    "host",
+                    f"binding {self.host} (not loopback) requires TLS and a bearer token; set {', '.join(missing)}",
+                )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            self.fail("tls_key", "tls_cert and tls_key must be given together")
+
+
+@dataclass
+class PrewarmConfig(_Validated):
+    """`brts prewarm`: fill a server's cache over a dataset as its client."""
+
+    SECTION = "prewarm"
+    server: str = "127.0.0.1:50051"
+    dataset: str = "dapo"
+    n_tier1: int = 4
+    n_tier2: int = 1
+    limit: int | None = None
+    concurrency: int = 4
+    prompts_per_call: int = 16
+    logprob_k: int = 16
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> None:
+        self.require(":" in self.server, "server", "must be HOST:PORT")
+        self.require(self.n_tier1 >= 1, "n_tier1", "must be >= 1")
+        self.require(self.n_tier2 >= 0, "n_tier2", "must be >= 0")
+        self.require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 when set")
+        self.require(self.concurrency >= 1, "concurrency", "must be >= 1")
+        self.require(self.prompts_per_call >= 1, "prompts_per_call", "must be >= 1")
+        self.require(1 <= self.logprob_k <= MAX_LOGPROB_K, "logprob_k", f"must be in 1..{MAX_LOGPROB_K}")
+
+
+@dataclass
+class TrainConfig(_Validated):
+    """`brts train`: the student, its teacher server and the BRTS/OPD algorithm settings (brts-reference §12, §15)."""
+
+    SECTION = "train"
+    student: str = ""
+    server: str = "127.0.0.1:50051"
+    run_dir: str = "runs/brts"
+    dataset: str = "dapo"
+    seed: int = 0
+    max_steps: int = 50
+    prompts_per_step: int = 64
+    n_rollouts: int = 1
+    max_response_len: int = 7168
+    rollout_temperature: float = 1.0
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    teacher_branch: bool = True
+    n_candidates: int = 4
+    n_tier2: int = 1
+    tier3: Literal["most_similar", "skip"] = "most_similar"
+    overlap_mode: Literal["prefix", "position"] = "prefix"
+    freshness: Literal["cached", "per_epoch", "per_step"] = "cached"
+    perturbation: str | None = None
+    perturb_slot: int = 1
+    truncate_to_student: bool = False
+    logprob_k: int = 16
+    lam: float = 1.0
+    lr: float = 1e-6
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    token_budget: int = 32768
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    activation_checkpointing: bool = False
+    save_every: int = 20
+    eval_every: int = 10
+    log_every: int = 1
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> None:
+        self.require(bool(self.student.strip()), "student", "must be a model directory")
+        self.require(":" in self.server, "server", "must be HOST:PORT")
+        self.require(self.max_steps >= 1, "max_steps", "must be >= 1")
+        self.require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        self.require(self.n_rollouts >= 1, "n_rollouts", "must be >= 1")
+        self.require(self.max_response_len >= 1, "max_response_len", "must be >= 1")
+        self.require(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
+        self.require(self.n_candidates >= 1, "n_candidates", "must be >= 1")
+        self.require(self.n_tier2 >= 0, "n_tier2", "must be >= 0")
+        self.require(1 <= self.logprob_k <= MAX_LOGPROB_K, "logprob_k", f"must be in 1..{MAX_LOGPROB_K}")
+        self.require(self.lam >= 0, "lam", "must be >= 0")
+        self.require(self.lr > 0, "lr", "must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            self.fail("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        self.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.require(self.grad_clip > 0, "grad_clip", "must be > 0")
+        self.require(self.token_budget >= 1, "token_budget", "must be >= 1")
+        self.require(self.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)")
+        self.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")
+        self.require(self.log_every >= 1, "log_every", "must be >= 1")
+        if self.perturbation is not None:
+            self.require(0 <= self.perturb_slot < self.n_candidates, "perturb_slot", f"must be in 0..{self.n_candidates - 1}")
+
+
+@dataclass
+class EvalConfig(_Validated):
+    """`brts eval`: mean/pass/majority@n on the bundled benchmarks, as the reference samples (§13)."""
+
+    SECTION = "eval"
+    model: str = ""
+    benchmarks: tuple[str, ...] = BENCHMARKS
+    dataset: str | None = None
+    n: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 31744
+    engine: Literal["hf", "vllm"] = "vllm"
+    limit: int | None = None
+    out: str = "eval-out"
+    seed: int = 0
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 42
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def check(self) -> None:
+        self.require(bool(self.model.strip()), "model", "must be a model directory")
+        for name in self.benchmarks:
+            if name not in BENCHMARKS:
+                self.fail("benchmarks", f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
+        self.require(bool(self.benchmarks) or self.dataset is not None, "benchmarks", "must name at least one benchmark or give dataset")
+        self.require(self.n >= 1, "n", "must be >= 1")
+        self.require(self.temperature >= 0, "temperature", "must be >= 0")
+        self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 when set")
+        self.require(self.bootstrap_resamples >= 1, "bootstrap_resamples", "must be >= 1")
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-5", "prompt.max_prompt_len=512"]`` → a nested dict; values parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. lr=1e-5 or prompt.max_prompt_len=512")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc.__class__.__name__}") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> C:
+    """Build ``cls`` from a YAML file (optional), then keyword ``values``, then ``key=value`` overrides (last wins)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: must hold a mapping of settings, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = _merge(data, {k: v for k, v in values.items() if v is not None})
+    data = _merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write a config back as YAML (the trainer stores it beside every checkpoint)."""
+    Path(path).write_text(yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False), encoding="utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,43 @@
+"""The `brts` command group: every --help works, unlanded subcommands say so and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from brts.cli import NOT_YET_EXIT, main
+
+SUBCOMMANDS = ["serve", "prewarm", "train", "eval", "cache", "report", "demo"]
+CACHE_SUBCOMMANDS = ["stats", "verify", "inspect", "gc", "compact", "export"]
+
+
+def test_group_help_lists_every_subcommand():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert f"  {name}" in result.output
+
+
+@pytest.mark.parametrize("argv", [[name, "--help"] for name in SUBCOMMANDS] + [["cache", c, "--help"] for c in CACHE_SUBCOMMANDS])
+def test_every_help_works(argv):
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    assert "Usage: main " in result.output or "Usage: brts " in result.output
+    assert "--help" in result.output
+
+
+@pytest.mark.parametrize(
+    "argv, issue",
+    [(["serve"], 5), (["prewarm"], 5), (["train"], 7), (["eval"], 9), (["cache", "stats", "d"], 4), (["report", "r"], 9), (["demo"], 10)],
+)
+def test_unlanded_commands_say_so_in_one_line(argv, issue):
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == NOT_YET_EXIT
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"issue #{issue}" in lines[0]
+
+
+def test_console_script_is_installed():
+    exe = subprocess.run([sys.executable, "-m", "brts.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert exe.returncode == 0 and "serve" in exe.stdout
