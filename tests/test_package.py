@@ -33,3 +33,18 @@ def test_import_brts_is_light():
     code = "import sys, brts, brts.shared.answers, brts.shared.hints; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False"
+
+
+def test_every_python_folder_is_a_declared_package():
+    """A sub-package missing from pyproject's list works in the editable install but vanishes from a wheel."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(cfg["packages"])
+    for name, folder in cfg["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder)
+            dotted = ".".join([name, *rel.parts]) if rel.parts else name
+            assert dotted in declared, f"{dotted} ({init.parent}) is not listed in [tool.setuptools] packages"

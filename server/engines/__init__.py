@@ -1,0 +1,1 @@
+"""Teacher engines behind one protocol (``base``): ``hf`` (embedded default), ``vllm`` and ``sglang``."""

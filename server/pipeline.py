@@ -1,0 +1,233 @@
+"""The candidate pipeline: Tier-1 samples, Tier-2 hinted rescue, and the teacher's top-K along every kept candidate.
+
+Orchestration only (brts-reference §3-§5, §11, §14): the engine samples, ``brts.shared`` judges and hints,
+the scorer scores. Per batch of prompts there is one generation call for every Tier-1 sample, one for every
+Tier-2 attempt, and one scoring call for every kept candidate, so a serving engine sees the whole batch at once
+(the reference generates per student row, with HF ``generate``, every step: §10).
+
+What the reference gets wrong and we do not:
+- Tier 2 runs only for prompts whose Tier-1 window is all wrong (the reference hints the whole batch).
+- Hinted samples that talk about the key are recorded with ``leaked=True`` and not kept (§10 item 8).
+- The top-K is always scored after the ORIGINAL prompt, never the hinted or perturbed one (§4.4, §11), at T=1
+  over the full vocabulary (never the sampling distribution).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from brts.server.engines.base import (
+    GenerationEngine,
+    GenerationRequest,
+    SamplingParams,
+    Scorer,
+    ScoreItem,
+)
+from brts.shared.answers import extract_boxed
+from brts.shared.hints import hinted_prompt_ids, leaks
+from brts.shared.topk import TopK
+from brts.shared.verify import BoundedVerifier, is_correct_batch
+
+TIER1, TIER2 = 1, 2
+DEFAULT_PERTURBATION = "Please reason step by step and rethink in detail before giving the final answer."
+
+
+def derive_seed(seed: int, pool_key: bytes | str, index: int) -> int:
+    """Seed of sample ``index`` of a pool: a hash of (seed, pool key, index), so a pool grows append-only and
+    sample i is the same draw whoever asks for it and in whatever batch (design.md §4)."""
+    key = pool_key.encode() if isinstance(pool_key, str) else pool_key
+    digest = hashlib.blake2b(struct.pack("<qq", seed, index) + key, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF  # engines take non-negative 31-bit seeds
+
+
+def prompt_key(prompt_ids: Sequence[int], tier: int, extra: str = "") -> bytes:
+    """A default pool key for one prompt and tier; the cache uses its own key (teacher, sampling, ids)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(struct.pack(f"<i{len(prompt_ids)}i", tier, *prompt_ids))
+    h.update(extra.encode())
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    """One prompt's request: the Tier-1 window [pool_offset, pool_offset + n_tier1) and up to n_tier2 hinted tries."""
+
+    prompt_id: str
+    prompt_ids: tuple[int, ...]
+    ground_truth: str
+    n_tier1: int
+    n_tier2: int = 0
+    pool_offset: int = 0
+    perturbation: str | None = None  # text appended after the prompt for one Tier-1 slot (§11); None = off
+    perturb_slot: int = 0  # window-relative index of that slot
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError(f"prompt {self.prompt_id!r}: prompt_ids must not be empty")
+        if self.n_tier1 < 1:
+            raise ValueError(f"prompt {self.prompt_id!r}: n_tier1 must be >= 1, got {self.n_tier1}")
+        if self.n_tier2 < 0:
+            raise ValueError(f"prompt {self.prompt_id!r}: n_tier2 must be >= 0, got {self.n_tier2}")
+        if self.pool_offset < 0:
+            raise ValueError(f"prompt {self.prompt_id!r}: pool_offset must be >= 0, got {self.pool_offset}")
+        if self.n_tier2 and not self.ground_truth.strip():
+            raise ValueError(f"prompt {self.prompt_id!r}: ground_truth is required when n_tier2 > 0 (the hint holds it)")
+        if self.perturbation is not None and not 0 <= self.perturb_slot < self.n_tier1:
+            raise ValueError(f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}")
+
+
+@dataclass
+class CandidateRecord:
+    """One sample with everything the trainer and the cache need; ``topk`` is None for samples not kept."""
+
+    tier: int
+    index: int
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    text: str
+    answer: str | None
+    correct: bool
+    leaked: bool = False
+    perturbed: bool = False
+    topk: TopK | None = None
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    candidates: list[CandidateRecord]  # the Tier-1 window, then the kept Tier-2 samples
+    tier2_attempts: list[CandidateRecord] = field(default_factory=list)  # every hinted sample, kept or not
+    seconds: float = 0.0
+
+    @property
+    def tier2_drawn(self) -> int:
+        return len(self.tier2_attempts)
+
+    @property
+    def tier2_leaked(self) -> int:
+        return sum(c.leaked for c in self.tier2_attempts)
+
+
+class CandidatePipeline:
+    """Runs batches of ``PromptJob`` through an engine, the verifier and a scorer."""
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        scorer: Scorer,
+        tokenizer,
+        sampling: SamplingParams,
+        logprob_k: int = 16,
+        seed: int = 0,
+        verifier: BoundedVerifier | None = None,
+        keep_leaked: bool = False,
+        seed_fn: Callable[[PromptJob, int, int], int] | None = None,
+    ) -> None:
+        if logprob_k < 1:
+            raise ValueError(f"logprob_k: must be >= 1, got {logprob_k}")
+        self.engine, self.scorer, self.tokenizer = engine, scorer, tokenizer
+        self.sampling, self.logprob_k, self.seed = sampling, logprob_k, seed
+        self.verifier, self.keep_leaked = verifier, keep_leaked
+        self.seed_fn = seed_fn or self._default_seed
+
+    def _default_seed(self, job: PromptJob, tier: int, index: int) -> int:
+        extra = job.ground_truth if tier == TIER2 else ""  # Tier-2 pools depend on the answer in the hint
+        return derive_seed(self.seed, prompt_key(job.prompt_ids, tier, extra), index)
+
+    def _perturbed_ids(self, job: PromptJob) -> tuple[int, ...]:
+        """The reference appends the perturbation's ids right after the templated prompt (§11)."""
+        extra = self.tokenizer.encode(job.perturbation or "", add_special_tokens=False)
+        return tuple(job.prompt_ids) + tuple(extra)
+
+    def _records(self, tier: int, indices: list[int], gens, ground_truths: list[str]) -> list[CandidateRecord]:
+        texts = [self.tokenizer.decode(list(g.token_ids), skip_special_tokens=True) for g in gens]
+        correct = is_correct_batch(texts, ground_truths, self.verifier) if texts else []
+        return [
+            CandidateRecord(
+                tier=tier,
+                index=i,
+                token_ids=tuple(g.token_ids),
+                finish_reason=g.finish_reason,
+                text=text,
+                answer=extract_boxed(text),
+                correct=ok,
+                leaked=leaks(text) if tier == TIER2 else False,
+            )
+            for i, g, text, ok in zip(indices, gens, texts, correct)
+        ]
+
+    def run(self, jobs: Sequence[PromptJob]) -> list[PromptResult]:
+        """All of Tier 1, then Tier 2 for the all-wrong prompts, then scoring; results in job order."""
+        start = time.monotonic()
+        results = [PromptResult(prompt_id=j.prompt_id, candidates=[]) for j in jobs]
+        tier1 = self._tier1(jobs)
+        retry = [
+            n for n, job in enumerate(jobs) if job.n_tier2 > 0 and not any(c.correct for c in tier1[n])
+        ]
+        tier2 = self._tier2([jobs[n] for n in retry])
+        for n, records in enumerate(tier1):
+            results[n].candidates.extend(records)
+        for n, attempts in zip(retry, tier2):
+            results[n].tier2_attempts = attempts
+            results[n].candidates.extend(c for c in attempts if c.correct and (self.keep_leaked or not c.leaked))
+        self._score(jobs, results)
+        elapsed = time.monotonic() - start
+        for result in results:
+            result.seconds = elapsed
+        return results
+
+    def _tier1(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
+        requests: list[GenerationRequest] = []
+        slots: list[tuple[int, list[int], bool]] = []  # (job number, pool indices, perturbed)
+        for n, job in enumerate(jobs):
+            window = list(range(job.pool_offset, job.pool_offset + job.n_tier1))
+            perturbed = job.pool_offset + job.perturb_slot if job.perturbation is not None else None
+            plain = [i for i in window if i != perturbed]
+            if plain:
+                requests.append(GenerationRequest(tuple(job.prompt_ids), tuple(self.seed_fn(job, TIER1, i) for i in plain)))
+                slots.append((n, plain, False))
+            if perturbed is not None:
+                requests.append(GenerationRequest(self._perturbed_ids(job), (self.seed_fn(job, TIER1, perturbed),)))
+                slots.append((n, [perturbed], True))
+        outputs = self.engine.generate(requests, self.sampling) if requests else []
+        by_job: list[list[CandidateRecord]] = [[] for _ in jobs]
+        for (n, indices, perturbed), gens in zip(slots, outputs):
+            records = self._records(TIER1, indices, gens, [jobs[n].ground_truth] * len(gens))
+            for record in records:
+                record.perturbed = perturbed
+            by_job[n].extend(records)
+        for records in by_job:
+            records.sort(key=lambda r: r.index)
+        return by_job
+
+    def _tier2(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
+        if not jobs:
+            return []
+        requests = [
+            GenerationRequest(
+                tuple(hinted_prompt_ids(list(job.prompt_ids), job.ground_truth, self.tokenizer)),
+                tuple(self.seed_fn(job, TIER2, j) for j in range(job.n_tier2)),
+            )
+            for job in jobs
+        ]
+        outputs = self.engine.generate(requests, self.sampling)
+        return [
+            self._records(TIER2, list(range(job.n_tier2)), gens, [job.ground_truth] * len(gens))
+            for job, gens in zip(jobs, outputs)
+        ]
+
+    def _score(self, jobs: Sequence[PromptJob], results: list[PromptResult]) -> None:
+        items, owners = [], []
+        for job, result in zip(jobs, results):
+            for record in result.candidates:
+                # the ORIGINAL prompt: never the hinted or perturbed one the sample was drawn from
+                items.append(ScoreItem(tuple(job.prompt_ids) + record.token_ids, len(job.prompt_ids)))
+                owners.append(record)
+        if not items:
+            return
+        for record, output in zip(owners, self.scorer.score(items, self.logprob_k)):
+            record.topk = output.topk
