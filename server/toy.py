@@ -1,0 +1,372 @@
+"""A toy teacher that can actually answer: synthetic sums/differences and a tiny Qwen2 fitted to them on CPU.
+
+Why: a random tiny model never boxes a right answer, so the Tier-1-correct, Tier-2-rescue and Tier-3 paths of
+the candidate pipeline (and the demo) could only be tested with fakes. This module generates problems
+deterministically (``make_problems``), renders them with a deliberately SHORT prompt (``toy_prompt_spec``: a
+minimal ChatML template, no system prompt, no instruction suffix, ~15 tokens, so that fitting takes about a
+minute), and fits a tiny ``Qwen2ForCausalLM`` with the real Qwen2.5 vocabulary (151,936 logits, like the real
+models) to answer ``"{a}+{b}={c}. \\boxed{c}"`` then ``<|im_end|>``. A fraction of the training prompts carry
+the Tier-2 hint (``brts.shared.hints``), so the model learns to use a validation key when one is present,
+imperfectly, as a real teacher does.
+
+How the fit stays fast with a 151,936-row vocabulary: only the few dozen token ids the task uses (the "active"
+set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is exactly 0 at every
+position. Training therefore runs a compact model over the active ids plus one extra logit, ``log(V - |active|)``,
+which is the exact log-sum-exp of the V - |active| zero logits: the loss is the true full-vocabulary
+cross-entropy at the cost of a 60-token softmax. The fitted weights are then written out as a normal
+full-vocabulary checkpoint (``save_pretrained``), and every engine and the scorer see an ordinary model.
+
+Fits are cached: ``out_dir/toy_fit.json`` holds a hash of the settings, and a second call with the same
+settings returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from brts.shared.data import Problem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from brts.server.engines.base import GenerationEngine, SamplingParams
+    from brts.shared.prompts import PromptSpec
+
+__all__ = [
+    "TOY_CHAT_TEMPLATE",
+    "TOY_SOURCE",
+    "TOY_VOCAB_SIZE",
+    "ToyFitSettings",
+    "evaluate_toy",
+    "fit_toy_model",
+    "fit_toy_teacher",
+    "make_problems",
+    "parse_problem",
+    "toy_prompt_spec",
+    "toy_response",
+]
+
+TOY_SOURCE = "toy-arith"
+#: The real Qwen2.5 logits dimension (the tokenizer has 151,665 ids; the rest are padding rows).
+TOY_VOCAB_SIZE = 151_936
+#: Minimal ChatML: no default system prompt (Qwen's own template would add ~20 tokens of it), and still the
+#: ``<|im_start|>assistant`` marker that ``brts.shared.hints.inject_hint`` looks for.
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_FIT_FORMAT_VERSION = 1
+_MARKER = "toy_fit.json"
+_PROBLEM_RE = re.compile(r"^What is (\d+)([+-])(\d+)\?$")
+
+
+@dataclass(frozen=True)
+class ToyFitSettings:
+    """Everything that decides a fitted toy model (and so its cache key)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_operand: int = 20
+    steps: int = 3000  # upper bound; the fit stops as soon as it reaches target_accuracy
+    target_accuracy: float = 0.85
+    batch_size: int = 64
+    lr: float = 3e-3
+    hint_fraction: float = 0.25
+    eval_every: int = 50
+    eval_size: int = 256
+    seed: int = 0
+    max_context: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy: must be in (0, 1], got {self.target_accuracy}")
+        if not 0 <= self.hint_fraction <= 1:
+            raise ValueError(f"hint_fraction: must be in [0, 1], got {self.hint_fraction}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_operand",
+                     "steps", "batch_size", "eval_every", "eval_size", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def key(self) -> str:
+        blob = json.dumps({"version": _FIT_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+#: The two shipped qualities: a good-but-imperfect teacher and a weak, smaller student.
+QUALITIES: dict[str, ToyFitSettings] = {
+    "teacher": ToyFitSettings(),
+    "student": ToyFitSettings(hidden_size=64, intermediate_size=128, target_accuracy=0.3, seed=1),
+}
+
+# ---------------------------------------------------------------------------------------------------- task
+
+
+def make_problems(n: int, seed: int = 0, max_operand: int = 20) -> list[Problem]:
+    """``n`` problems "What is a+b?" / "What is a-b?" with 0 <= a, b <= max_operand; answers may be negative.
+
+    Deterministic in (n, seed, max_operand): the first m problems of n > m are the same m problems.
+    """
+    if n < 0 or max_operand < 1:
+        raise ValueError(f"make_problems: need n >= 0 and max_operand >= 1, got n={n}, max_operand={max_operand}")
+    rng = random.Random(f"toy-arith:{seed}:{max_operand}")
+    out = []
+    for i in range(n):
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        out.append(Problem(id=f"toy-{seed}-{i}", problem=f"What is {a}{op}{b}?", answer=str(a + b if op == "+" else a - b),
+                           source=TOY_SOURCE))
+    return out
+
+
+def parse_problem(problem: Problem | str) -> tuple[int, str, int]:
+    """(a, op, b) of a toy problem text; ValueError for anything else."""
+    text = problem.problem if isinstance(problem, Problem) else problem
+    m = _PROBLEM_RE.match(text)
+    if m is None:
+        raise ValueError(f"problem: {text!r} is not a toy problem ('What is a+b?' or 'What is a-b?')")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def toy_response(problem: Problem | str) -> str:
+    """The reference response (without EOS): the working, then the boxed answer."""
+    a, op, b = parse_problem(problem)
+    c = a + b if op == "+" else a - b
+    return f"{a}{op}{b}={c}. \\boxed{{{c}}}"
+
+
+def toy_prompt_spec(tokenizer: PreTrainedTokenizerBase | None = None) -> PromptSpec:
+    """The toy's PromptSpec: bundled Qwen2.5 tokenizer, TOY_CHAT_TEMPLATE, no system prompt, no suffix."""
+    from brts.shared.prompts import PromptSpec
+    from brts.shared.tokenizer import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer("qwen2.5-instruct")
+    return PromptSpec(tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE, instruction_suffix="", max_prompt_len=256)
+
+
+def _all_problems(max_operand: int) -> list[Problem]:
+    """Every problem of the task space, in a fixed order (training samples from these)."""
+    return [
+        Problem(id=f"all-{op}-{a}-{b}", problem=f"What is {a}{op}{b}?", answer=str(a + b if op == "+" else a - b),
+                source=TOY_SOURCE)
+        for op in "+-" for a in range(max_operand + 1) for b in range(max_operand + 1)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+
+
+def _qwen2_config(s: ToyFitSettings, vocab_size: int, eos: Sequence[int]) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+        max_position_embeddings=s.max_context, tie_word_embeddings=True, eos_token_id=list(eos),
+        pad_token_id=eos[-1], bos_token_id=None,
+    )
+
+
+def _read_marker(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fit_toy_teacher(
+    out_dir: str | os.PathLike[str],
+    steps: int | None = None,
+    target_accuracy: float | None = None,
+    seed: int | None = None,
+    settings: ToyFitSettings | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Fit (or reuse) a toy model in ``out_dir``; returns the folder (model + tokenizer + toy_fit.json).
+
+    ``steps``/``target_accuracy``/``seed`` override the teacher defaults (``settings`` for everything else).
+    Training stops once the teacher-forced exact-match rate on an eval sample reaches ``target_accuracy``
+    (that rate is a lower bound on greedy accuracy) or after ``steps``. A second call with the same settings
+    returns at once.
+    """
+    s = settings or QUALITIES["teacher"]
+    overrides = {k: v for k, v in (("steps", steps), ("target_accuracy", target_accuracy), ("seed", seed)) if v is not None}
+    s = replace(s, **overrides)
+    out = Path(out_dir)
+    marker = _read_marker(out)
+    if marker is not None and marker.get("key") == s.key() and (out / "config.json").is_file():
+        return out
+    _fit(out, s, verbose)
+    return out
+
+
+def fit_toy_model(out_dir: str | os.PathLike[str], quality: str = "teacher", **overrides: Any) -> Path:
+    """Fit (or reuse) the ``"teacher"`` or the weak ``"student"`` toy model; overrides go to ToyFitSettings."""
+    if quality not in QUALITIES:
+        raise ValueError(f"quality: must be one of {', '.join(QUALITIES)}, got {quality!r}")
+    return fit_toy_teacher(out_dir, settings=replace(QUALITIES[quality], **overrides))
+
+
+def _fit(out: Path, s: ToyFitSettings, verbose: bool) -> None:
+    """The training run: compact active-vocabulary model, exact full-vocabulary loss, then expand and save."""
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    from brts.shared.hints import hinted_prompt_ids
+
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    rng = random.Random(s.seed)
+    spec = toy_prompt_spec()
+    tok = spec.tokenizer
+    eos = [int(tok.convert_tokens_to_ids("<|im_end|>")), int(tok.convert_tokens_to_ids("<|endoftext|>"))]
+
+    space = _all_problems(s.max_operand)
+    prompts = spec.encode_batch([p.problem for p in space])
+    hinted = [hinted_prompt_ids(ids, p.answer, tok) for ids, p in zip(prompts, space)]
+    responses = [ids + [eos[0]] for ids in tok([toy_response(p) for p in space], add_special_tokens=False)["input_ids"]]
+    active = sorted({i for seqs in (prompts, hinted, responses) for ids in seqs for i in ids} | set(eos))
+    to_compact = {full: c for c, full in enumerate(active)}
+    n_active = len(active)
+    rest = math.log(TOY_VOCAB_SIZE - n_active)  # log-sum-exp of the zero logits of every inactive id
+
+    model = Qwen2ForCausalLM(_qwen2_config(s, n_active, [to_compact[e] for e in eos]))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = min(100, s.steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+
+    def batch(indices: Sequence[int], hint_flags: Sequence[bool]) -> tuple[torch.Tensor, ...]:
+        seqs, starts = [], []
+        for j, h in zip(indices, hint_flags):
+            p = hinted[j] if h else prompts[j]
+            seqs.append([to_compact[i] for i in p + responses[j]])
+            starts.append(len(p))
+        longest = max(len(q) for q in seqs)
+        ids = torch.zeros((len(seqs), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target_mask = torch.zeros((len(seqs), longest), dtype=torch.bool)
+        for b, (q, st) in enumerate(zip(seqs, starts)):
+            ids[b, : len(q)] = torch.tensor(q)
+            mask[b, : len(q)] = 1
+            target_mask[b, st - 1 : len(q) - 1] = True  # position t predicts token t+1 of the response
+        targets = ids[:, 1:][target_mask[:, :-1]]
+        return ids, mask, target_mask, targets
+
+    def logits_at(ids: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return model.lm_head(hidden[target_mask])
+
+    eval_rng = random.Random(s.seed + 10_000)
+    eval_idx = [eval_rng.randrange(len(space)) for _ in range(s.eval_size)]
+    eval_batch = batch(eval_idx, [False] * len(eval_idx))
+
+    def exact_match() -> float:
+        """Share of eval problems whose every response token is the full-vocabulary argmax (= greedy gets it)."""
+        model.eval()
+        with torch.no_grad():
+            ids, mask, tmask, targets = eval_batch
+            logits = logits_at(ids, mask, tmask)
+            # an inactive id has logit 0: if every active logit is below 0, greedy would pick an inactive id
+            pred = torch.where(logits.max(-1).values > 0, logits.argmax(-1), torch.full_like(targets, -1))
+            row_of = tmask.nonzero()[:, 0]
+            wrong = torch.bincount(row_of, weights=(pred != targets).double(), minlength=ids.shape[0])
+        model.train()
+        return float((wrong == 0).double().mean())
+
+    acc, step = 0.0, 0
+    for step in range(1, s.steps + 1):
+        # Hinted prompts are ~8x longer: they come as whole (half-size) batches so that plain batches stay short.
+        hint = rng.random() < s.hint_fraction
+        idx = [rng.randrange(len(space)) for _ in range(s.batch_size // 2 if hint else s.batch_size)]
+        ids, mask, tmask, targets = batch(idx, [hint] * len(idx))
+        logits = logits_at(ids, mask, tmask)
+        full = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=-1)
+        loss = torch.nn.functional.cross_entropy(full, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % s.eval_every == 0:
+            acc = exact_match()
+            if verbose:
+                print(f"step {step} loss {loss.item():.4f} exact-match {acc:.3f} ({time.perf_counter() - t0:.1f}s)")
+            if acc >= s.target_accuracy:
+                break
+
+    # Expand to the full vocabulary: inactive rows stay exactly zero, so the logits of the saved model are the
+    # ones trained against (their log-sum-exp was the constant ``rest`` term).
+    full_model = Qwen2ForCausalLM(_qwen2_config(s, TOY_VOCAB_SIZE, eos))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
+    missing, unexpected = full_model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    with torch.no_grad():
+        emb = full_model.get_input_embeddings().weight
+        emb.zero_()
+        emb[torch.tensor(active)] = model.get_input_embeddings().weight
+    full_model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).unlink(missing_ok=True)
+    full_model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    info = {
+        "key": s.key(), "settings": asdict(s), "steps_run": step, "exact_match": acc,
+        "fit_seconds": round(time.perf_counter() - t0, 2), "active_ids": len(active),
+    }
+    tmp = out / (_MARKER + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, out / _MARKER)  # the marker is written last: a half-written folder never looks cached
+
+
+def fit_info(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The marker of a fitted folder: settings, steps run, exact-match rate, fit time."""
+    info = _read_marker(Path(model_dir))
+    if info is None:
+        raise ValueError(f"model_dir: {model_dir} has no {_MARKER}; fit it with fit_toy_model first")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_toy(
+    engine: GenerationEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    sampling: SamplingParams,
+    seeds: Sequence[int] = (0,),
+    hinted: bool = False,
+) -> dict[str, float]:
+    """Accuracy of ``engine`` on toy problems: share of samples whose last box is the right integer, and the
+    share that boxed anything. ``hinted`` puts the Tier-2 hint into every prompt."""
+    from brts.server.engines.base import GenerationRequest
+    from brts.shared.answers import extract_boxed, normalize_integer
+    from brts.shared.hints import hinted_prompt_ids
+
+    spec = toy_prompt_spec(tokenizer)
+    prompts = spec.encode_batch([p.problem for p in problems])
+    if hinted:
+        prompts = [hinted_prompt_ids(ids, p.answer, tokenizer) for ids, p in zip(prompts, problems)]
+    reqs = [GenerationRequest(tuple(ids), tuple(seeds)) for ids in prompts]
+    gens = engine.generate(reqs, sampling)
+    correct = boxed = total = 0
+    for problem, per in zip(problems, gens):
+        for g in per:
+            answer = extract_boxed(tokenizer.decode(list(g.token_ids), skip_special_tokens=True))
+            total += 1
+            boxed += answer is not None
+            value = normalize_integer(answer) if answer is not None else None
+            correct += value is not None and value == int(problem.answer)
+    return {"accuracy": correct / max(total, 1), "boxed": boxed / max(total, 1), "samples": float(total)}
