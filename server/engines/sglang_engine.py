@@ -158,7 +158,8 @@ def parse_generate_reply(
     check_eos_convention(tokens, reason, eos_token_ids, where)
     gen = Generation(tuple(tokens), reason)  # type: ignore[arg-type]
     if k is None:
-        return SampleLogprobs(gen, np.zeros(0, np.float32), TopK(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)))
+        empty = TopK(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32))
+        return SampleLogprobs(gen, np.zeros(0, np.float32), empty)
     if len(token_lps) != len(tokens):
         raise RuntimeError(f"{where}: {len(token_lps)} output_token_logprobs for {len(tokens)} tokens")
     chosen = np.empty(len(tokens), np.float32)
@@ -209,7 +210,7 @@ def build_prefill_payload(items: Sequence[ScoreItem], k: int) -> dict[str, Any]:
     }
     if any(it.candidate_ids is not None for it in items):
         payload["token_ids_logprob"] = [
-            sorted({int(c) for c in np.asarray(it.candidate_ids).ravel() if c >= 0}) if it.candidate_ids is not None else []
+            [] if it.candidate_ids is None else sorted({int(c) for c in np.asarray(it.candidate_ids).ravel() if c >= 0})
             for it in items
         ]
     return payload
