@@ -9,15 +9,18 @@ models) to answer ``"{a}+{b}={c}. \\boxed{c}"`` then ``<|im_end|>``. A fraction 
 the Tier-2 hint (``brts.shared.hints``), so the model learns to use a validation key when one is present,
 imperfectly, as a real teacher does.
 
-How the fit stays fast with a 151,936-row vocabulary: only the few dozen token ids the task uses (the "active"
-set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is exactly 0 at every
+How the fit stays fast with a 151,936-row vocabulary: only the ~130 token ids the task uses (prompts, hints,
+responses: the "active" set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is exactly 0 at every
 position. Training therefore runs a compact model over the active ids plus one extra logit, ``log(V - |active|)``,
 which is the exact log-sum-exp of the V - |active| zero logits: the loss is the true full-vocabulary
-cross-entropy at the cost of a 60-token softmax. The fitted weights are then written out as a normal
+cross-entropy at the cost of a ~130-way softmax. The fitted weights are then written out as a normal
 full-vocabulary checkpoint (``save_pretrained``), and every engine and the scorer see an ordinary model.
 
 Fits are cached: ``out_dir/toy_fit.json`` holds a hash of the settings, and a second call with the same
-settings returns at once.
+settings returns at once. The teacher's defaults (hidden 64, 2 layers, sums/differences of 0..20, stop at 80%
+teacher-forced exact match, 10% hinted batches) were chosen so that the fit takes about a minute on 2 CPU cores
+and the model is good but imperfect: it fails every one of 4 samples on a few percent of prompts, and the hint
+rescues some of those, not all.
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ if TYPE_CHECKING:
     from brts.shared.prompts import PromptSpec
 
 __all__ = [
+    "QUALITIES",
     "TOY_CHAT_TEMPLATE",
     "TOY_SOURCE",
     "TOY_VOCAB_SIZE",
+    "ToyEval",
     "ToyFitSettings",
     "evaluate_toy",
+    "fit_info",
     "fit_toy_model",
     "fit_toy_teacher",
     "make_problems",
@@ -75,21 +81,21 @@ _PROBLEM_RE = re.compile(r"^What is (\d+)([+-])(\d+)\?$")
 class ToyFitSettings:
     """Everything that decides a fitted toy model (and so its cache key)."""
 
-    hidden_size: int = 128
+    hidden_size: int = 64  # 64 learns the task in as few steps as 128 did, at 60% of the compute per step
     intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     max_operand: int = 20
     steps: int = 3000  # upper bound; the fit stops as soon as it reaches target_accuracy
-    target_accuracy: float = 0.85
+    target_accuracy: float = 0.8
     batch_size: int = 64
     lr: float = 3e-3
-    hint_fraction: float = 0.25
+    hint_fraction: float = 0.1  # share of (half-size) batches whose prompts carry the Tier-2 hint
     eval_every: int = 50
     eval_size: int = 256
     seed: int = 0
-    max_context: int = 1024
+    max_context: int = 8192  # room for the pipeline's long max_new_tokens defaults; RoPE costs no weights
 
     def __post_init__(self) -> None:
         if not 0 < self.target_accuracy <= 1:
@@ -109,7 +115,7 @@ class ToyFitSettings:
 #: The two shipped qualities: a good-but-imperfect teacher and a weak, smaller student.
 QUALITIES: dict[str, ToyFitSettings] = {
     "teacher": ToyFitSettings(),
-    "student": ToyFitSettings(hidden_size=64, intermediate_size=128, target_accuracy=0.3, seed=1),
+    "student": ToyFitSettings(intermediate_size=128, target_accuracy=0.3, hint_fraction=0.0, seed=1),
 }
 
 # ---------------------------------------------------------------------------------------------------- task
@@ -341,6 +347,17 @@ def fit_info(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class ToyEval:
+    """Share of samples whose last box holds the right integer, share that boxed anything, and per problem the
+    share of its samples that were right (to find the prompts whose whole window fails)."""
+
+    accuracy: float
+    boxed: float
+    samples: int
+    per_problem: tuple[float, ...]
+
+
 def evaluate_toy(
     engine: GenerationEngine,
     tokenizer: PreTrainedTokenizerBase,
@@ -348,9 +365,9 @@ def evaluate_toy(
     sampling: SamplingParams,
     seeds: Sequence[int] = (0,),
     hinted: bool = False,
-) -> dict[str, float]:
-    """Accuracy of ``engine`` on toy problems: share of samples whose last box is the right integer, and the
-    share that boxed anything. ``hinted`` puts the Tier-2 hint into every prompt."""
+) -> ToyEval:
+    """Accuracy of ``engine`` on toy problems (one engine call); ``hinted`` puts the Tier-2 hint into every
+    prompt, as the pipeline's Tier 2 does."""
     from brts.server.engines.base import GenerationRequest
     from brts.shared.answers import extract_boxed, normalize_integer
     from brts.shared.hints import hinted_prompt_ids
@@ -361,12 +378,16 @@ def evaluate_toy(
         prompts = [hinted_prompt_ids(ids, p.answer, tokenizer) for ids, p in zip(prompts, problems)]
     reqs = [GenerationRequest(tuple(ids), tuple(seeds)) for ids in prompts]
     gens = engine.generate(reqs, sampling)
-    correct = boxed = total = 0
+    per_problem, boxed, total = [], 0, 0
     for problem, per in zip(problems, gens):
+        right = 0
         for g in per:
             answer = extract_boxed(tokenizer.decode(list(g.token_ids), skip_special_tokens=True))
-            total += 1
             boxed += answer is not None
             value = normalize_integer(answer) if answer is not None else None
-            correct += value is not None and value == int(problem.answer)
-    return {"accuracy": correct / max(total, 1), "boxed": boxed / max(total, 1), "samples": float(total)}
+            right += value is not None and value == int(problem.answer)
+        total += len(per)
+        per_problem.append(right / max(len(per), 1))
+    n = max(total, 1)
+    return ToyEval(accuracy=sum(p * len(seeds) for p in per_problem) / n, boxed=boxed / n, samples=total,
+                   per_problem=tuple(per_problem))
