@@ -93,55 +93,9 @@ def eval_(**_: object) -> None:
     _not_yet("eval", 9, "evaluation")
 
 
-@main.group()
-def cache() -> None:
-    """Inspect and maintain a candidate cache directory (also while a server uses it)."""
+from brts.cli_cache import cache  # noqa: E402 - a group of its own module, registered here
 
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-def stats(directory: str) -> None:
-    """Entries, pools, size, bytes per token and tier composition, per teacher fingerprint."""
-    _not_yet("cache stats", 4, "the candidate cache")
-
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-def verify(directory: str) -> None:
-    """Re-read every entry and check its checksum; exit non-zero on damage."""
-    _not_yet("cache verify", 4, "the candidate cache")
-
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--prompt-id", default=None, help="Dataset id of the prompt.")
-@click.option("--text", default=None, help="Problem text.")
-def inspect(directory: str, prompt_id: str | None, text: str | None) -> None:
-    """Show one pool as text."""
-    _not_yet("cache inspect", 4, "the candidate cache")
-
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--keep-teacher", required=True, help="Teacher fingerprint whose entries are kept.")
-def gc(directory: str, keep_teacher: str) -> None:
-    """Drop other teachers' entries."""
-    _not_yet("cache gc", 4, "the candidate cache")
-
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-def compact(directory: str) -> None:
-    """Copy into a fresh environment (LMDB files never shrink)."""
-    _not_yet("cache compact", 4, "the candidate cache")
-
-
-@cache.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path())
-def export(directory: str, out: str) -> None:
-    """Write token ids, answers and flags as parquet or JSONL (by OUT's extension)."""
-    _not_yet("cache export", 4, "the candidate cache")
+main.add_command(cache)
 
 
 @main.command()

@@ -80,6 +80,23 @@ class PromptJob:
             raise ValueError(f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}")
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Pool entries ``indices`` of one prompt's tier to sample, with their seeds (one engine request)."""
+
+    job: PromptJob
+    tier: int
+    indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    perturbed: bool = False  # a Tier-1 slot sampled after the perturbed prompt
+
+    def __post_init__(self) -> None:
+        if len(self.indices) != len(self.seeds):
+            raise ValueError(f"seeds: expected {len(self.indices)} (one per index), got {len(self.seeds)}")
+        if self.tier not in (TIER1, TIER2):
+            raise ValueError(f"tier: must be {TIER1} or {TIER2}, got {self.tier}")
+
+
 @dataclass
 class CandidateRecord:
     """One sample with everything the trainer and the cache need; ``topk`` is None for samples not kept."""
@@ -143,7 +160,7 @@ class CandidatePipeline:
         extra = self.tokenizer.encode(job.perturbation or "", add_special_tokens=False)
         return tuple(job.prompt_ids) + tuple(extra)
 
-    def _records(self, tier: int, indices: list[int], gens, ground_truths: list[str]) -> list[CandidateRecord]:
+    def _records(self, tier: int, indices: Sequence[int], gens, ground_truths: list[str]) -> list[CandidateRecord]:
         texts = [self.tokenizer.decode(list(g.token_ids), skip_special_tokens=True) for g in gens]
         correct = is_correct_batch(texts, ground_truths, self.verifier) if texts else []
         return [
@@ -159,6 +176,42 @@ class CandidatePipeline:
             )
             for i, g, text, ok in zip(indices, gens, texts, correct)
         ]
+
+    def seeds(self, job: PromptJob, tier: int, indices: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.seed_fn(job, tier, i) for i in indices)
+
+    def draw(self, draws: Sequence[Draw], sampling: SamplingParams | None = None) -> list[list[CandidateRecord]]:
+        """Sample every draw in ONE engine call; records judged against each job's ground truth.
+
+        A building block for ``run`` and for the cache, which decides itself which pool entries are missing and
+        which seeds they take. A Tier-2 draw samples after the hinted prompt, a perturbed one after the
+        perturbed prompt; neither is ever a scoring context (see ``score``).
+        """
+        requests = []
+        for d in draws:
+            if d.tier == TIER2:
+                prompt = tuple(hinted_prompt_ids(list(d.job.prompt_ids), d.job.ground_truth, self.tokenizer))
+            elif d.perturbed:
+                prompt = self._perturbed_ids(d.job)
+            else:
+                prompt = tuple(d.job.prompt_ids)
+            requests.append(GenerationRequest(prompt, tuple(d.seeds)))
+        outputs = self.engine.generate(requests, sampling or self.sampling) if requests else []
+        by_draw = []
+        for d, gens in zip(draws, outputs):
+            records = self._records(d.tier, list(d.indices), gens, [d.job.ground_truth] * len(gens))
+            for record in records:
+                record.perturbed = d.perturbed
+            by_draw.append(records)
+        return by_draw
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], CandidateRecord]], k: int | None = None) -> None:
+        """Attach the teacher's top-K to each (ORIGINAL prompt ids, record) pair, in one scorer call."""
+        items = [ScoreItem(tuple(prompt) + record.token_ids, len(prompt)) for prompt, record in pairs]
+        if not items:
+            return
+        for (_, record), output in zip(pairs, self.scorer.score(items, k or self.logprob_k)):
+            record.topk = output.topk
 
     def run(self, jobs: Sequence[PromptJob]) -> list[PromptResult]:
         """All of Tier 1, then Tier 2 for the all-wrong prompts, then scoring; results in job order."""
@@ -181,53 +234,28 @@ class CandidatePipeline:
         return results
 
     def _tier1(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
-        requests: list[GenerationRequest] = []
-        slots: list[tuple[int, list[int], bool]] = []  # (job number, pool indices, perturbed)
+        draws, owners = [], []
         for n, job in enumerate(jobs):
             window = list(range(job.pool_offset, job.pool_offset + job.n_tier1))
             perturbed = job.pool_offset + job.perturb_slot if job.perturbation is not None else None
             plain = [i for i in window if i != perturbed]
             if plain:
-                requests.append(GenerationRequest(tuple(job.prompt_ids), tuple(self.seed_fn(job, TIER1, i) for i in plain)))
-                slots.append((n, plain, False))
+                draws.append(Draw(job, TIER1, tuple(plain), self.seeds(job, TIER1, plain)))
+                owners.append(n)
             if perturbed is not None:
-                requests.append(GenerationRequest(self._perturbed_ids(job), (self.seed_fn(job, TIER1, perturbed),)))
-                slots.append((n, [perturbed], True))
-        outputs = self.engine.generate(requests, self.sampling) if requests else []
+                draws.append(Draw(job, TIER1, (perturbed,), self.seeds(job, TIER1, [perturbed]), perturbed=True))
+                owners.append(n)
         by_job: list[list[CandidateRecord]] = [[] for _ in jobs]
-        for (n, indices, perturbed), gens in zip(slots, outputs):
-            records = self._records(TIER1, indices, gens, [jobs[n].ground_truth] * len(gens))
-            for record in records:
-                record.perturbed = perturbed
+        for n, records in zip(owners, self.draw(draws)):
             by_job[n].extend(records)
         for records in by_job:
             records.sort(key=lambda r: r.index)
         return by_job
 
     def _tier2(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
-        if not jobs:
-            return []
-        requests = [
-            GenerationRequest(
-                tuple(hinted_prompt_ids(list(job.prompt_ids), job.ground_truth, self.tokenizer)),
-                tuple(self.seed_fn(job, TIER2, j) for j in range(job.n_tier2)),
-            )
-            for job in jobs
-        ]
-        outputs = self.engine.generate(requests, self.sampling)
-        return [
-            self._records(TIER2, list(range(job.n_tier2)), gens, [job.ground_truth] * len(gens))
-            for job, gens in zip(jobs, outputs)
-        ]
+        indices = [tuple(range(job.n_tier2)) for job in jobs]
+        return self.draw([Draw(job, TIER2, idx, self.seeds(job, TIER2, idx)) for job, idx in zip(jobs, indices)])
 
     def _score(self, jobs: Sequence[PromptJob], results: list[PromptResult]) -> None:
-        items, owners = [], []
-        for job, result in zip(jobs, results):
-            for record in result.candidates:
-                # the ORIGINAL prompt: never the hinted or perturbed one the sample was drawn from
-                items.append(ScoreItem(tuple(job.prompt_ids) + record.token_ids, len(job.prompt_ids)))
-                owners.append(record)
-        if not items:
-            return
-        for record, output in zip(owners, self.scorer.score(items, self.logprob_k)):
-            record.topk = output.topk
+        # the ORIGINAL prompt: never the hinted or perturbed one the sample was drawn from
+        self.score([(job.prompt_ids, record) for job, result in zip(jobs, results) for record in result.candidates])

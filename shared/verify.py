@@ -276,3 +276,29 @@ def is_correct_batch(
         return [is_correct(r, g, verifier) for r, g in zip(responses, ground_truths)]
     with ThreadPoolExecutor(max_workers=min(verifier.max_workers, len(responses))) as pool:
         return list(pool.map(lambda pair: is_correct(pair[0], pair[1], verifier), zip(responses, ground_truths)))
+
+
+def answers_correct_batch(
+    answers: Sequence[str | None], ground_truths: Sequence[str], verifier: BoundedVerifier | None = None
+) -> list[bool]:
+    """Judge already-extracted answers (None = nothing boxed) against ground truths, e.g. answers read back from
+    the candidate cache, which stores the answer and never the verdict. Memoised per (answer, ground truth) in
+    the verifier, whose version is ``VERIFIER_VERSION``."""
+    if len(answers) != len(ground_truths):
+        raise ValueError(f"ground_truths: expected {len(answers)} entries (one per answer), got {len(ground_truths)}")
+    verifier = verifier or default_verifier()
+
+    def judge(pair: tuple[str | None, str]) -> bool:
+        answer, truth = pair
+        if answer is None or not isinstance(truth, str) or not truth.strip():
+            return False
+        try:
+            return verifier.equivalent(answer, truth)
+        except Exception:  # noqa: BLE001 - the contract is a bool, whatever the input
+            return False
+
+    pairs = list(zip(answers, ground_truths))
+    if len(pairs) <= 1:
+        return [judge(p) for p in pairs]
+    with ThreadPoolExecutor(max_workers=min(verifier.max_workers, len(pairs))) as pool:
+        return list(pool.map(judge, pairs))

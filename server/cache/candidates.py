@@ -1,0 +1,311 @@
+"""The candidate cache: append-only pools of teacher candidates, generated once, served forever.
+
+``CandidateCache.get`` answers a batch of ``PromptJob`` windows (design.md §4):
+1. read every wanted Tier-1 entry [offset, offset + n) in one snapshot;
+2. claim the missing ones (single flight: an entry another thread is generating is waited for, not generated
+   again), draw them all in one engine call with seeds derived from (seed, pool key, index), score them all in
+   one scorer call, and commit them in one transaction;
+3. judge every entry's stored answer against THIS request's ground truth, and for the prompts whose window is
+   all wrong do the same for the Tier-2 attempts (their pool key holds the ground truth and the hint version);
+4. build every reply from the bytes read back from LMDB, so a fresh reply and every later cached one are
+   byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from brts.server.cache.codec import CorruptEntryError, Entry, decode_entry, decode_pool, encode_entry, encode_pool
+from brts.server.cache.keys import PoolAddress, entry_key, name_key, pool_address, sampling_key
+from brts.server.cache.store import DEFAULT_MAP_SIZE, CacheError, LmdbStore
+from brts.server.engines.base import SamplingParams
+from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, CandidateRecord, Draw, PromptJob, derive_seed
+from brts.shared.topk import TopK
+from brts.shared.verify import answers_correct_batch
+
+MAX_STORE_K = 64
+
+
+class CacheCollisionError(CacheError):
+    """A pool key's stored header describes another pool: a hash collision, refused instead of served."""
+
+
+@dataclass
+class ServedCandidate:
+    """A candidate as served: decoded from the stored bytes, top-K sliced to the asked K, judged for this request."""
+
+    tier: int
+    index: int
+    token_ids: np.ndarray
+    answer: str | None
+    correct: bool
+    leaked: bool
+    finish_reason: str
+    topk: TopK | None
+    cached: bool
+    perturbed: bool = False
+
+
+@dataclass
+class ServedPrompt:
+    prompt_id: str
+    candidates: list[ServedCandidate]  # the Tier-1 window (entries that exist), then the kept Tier-2 attempts
+    tier2_attempts: list[ServedCandidate] = field(default_factory=list)
+    cache_hit: bool = True  # nothing was generated or rescored for this prompt by this call
+    missing: int = 0  # wanted entries that do not exist (only with generate=False)
+    seconds: float = 0.0
+
+    @property
+    def tier2_drawn(self) -> int:
+        return len(self.tier2_attempts)
+
+    @property
+    def tier2_leaked(self) -> int:
+        return sum(c.leaked for c in self.tier2_attempts)
+
+
+@dataclass(frozen=True)
+class _Want:
+    job: PromptJob
+    address: PoolAddress
+    tier: int
+    index: int
+    perturbed: bool = False
+
+    @property
+    def key(self) -> bytes:
+        return entry_key(self.address.key, self.index)
+
+
+class CandidateCache:
+    """LMDB-backed pools over a ``CandidatePipeline`` (``pipeline=None``: read only what exists)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        teacher: str,
+        pipeline: CandidatePipeline | None = None,
+        store_k: int = 16,
+        logprob_dtype: str = "float16",
+        readonly: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> None:
+        if not teacher:
+            raise ValueError("teacher: the teacher fingerprint is required (entries are keyed by it)")
+        if not 1 <= store_k <= MAX_STORE_K:
+            raise ValueError(f"store_k: must be in 1..{MAX_STORE_K}, got {store_k}")
+        self.store = LmdbStore(path, readonly=readonly, map_size=map_size)
+        self.teacher, self.pipeline, self.store_k, self.logprob_dtype = teacher, pipeline, store_k, logprob_dtype
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[None]] = {}
+        self._engine_lock = threading.Lock()  # engines are not assumed thread-safe; the server batches anyway
+        self.generated = 0  # entries drawn by this process (tests and benches read it)
+        self.rescored = 0
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "CandidateCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def get(self, jobs: Sequence[PromptJob], sampling: SamplingParams, seed: int, k: int,
+            generate: bool = True) -> list[ServedPrompt]:
+        """Serve the windows of ``jobs``; with ``generate=False`` nothing is drawn (``ServedPrompt.missing``)."""
+        start = time.monotonic()
+        if not 1 <= k <= MAX_STORE_K:
+            raise ValueError(f"logprob_k: must be in 1..{MAX_STORE_K}, got {k}")
+        if generate and self.pipeline is None:
+            raise CacheError("cache: opened without a pipeline, so it cannot generate; pass generate=False")
+        samp = sampling_key(sampling, seed)
+        wants1 = [self._tier1_wants(job, samp) for job in jobs]
+        got1, fresh1 = self._ensure([w for ws in wants1 for w in ws], sampling, seed, k, generate)
+        served = []
+        for job, wants in zip(jobs, wants1):
+            entries = [got1[w.key] for w in wants if w.key in got1]
+            judged = answers_correct_batch([e.answer for e in entries], [job.ground_truth] * len(entries), self._verifier)
+            cands = [self._serve(e, ok, k, w.key in fresh1 or False) for e, ok, w in
+                     zip(entries, judged, [w for w in wants if w.key in got1])]
+            hit = not any(w.key in fresh1 for w in wants)
+            served.append(ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=len(wants) - len(entries)))
+        retry = [n for n, (job, s) in enumerate(zip(jobs, served)) if job.n_tier2 > 0 and not any(c.correct for c in s.candidates)]
+        wants2 = [self._tier2_wants(jobs[n], samp) for n in retry]
+        got2, fresh2 = self._ensure([w for ws in wants2 for w in ws], sampling, seed, k, generate)
+        keep_leaked = self.pipeline.keep_leaked if self.pipeline is not None else False
+        for n, wants in zip(retry, wants2):
+            present = [w for w in wants if w.key in got2]
+            entries = [got2[w.key] for w in present]
+            judged = answers_correct_batch([e.answer for e in entries], [jobs[n].ground_truth] * len(entries), self._verifier)
+            attempts = [self._serve(e, ok, k, w.key in fresh2) for e, ok, w in zip(entries, judged, present)]
+            s = served[n]
+            s.tier2_attempts = attempts
+            s.candidates.extend(c for c in attempts if c.correct and (keep_leaked or not c.leaked) and c.topk is not None)
+            s.cache_hit = s.cache_hit and not any(w.key in fresh2 for w in wants)
+            s.missing += len(wants) - len(present)
+        elapsed = time.monotonic() - start
+        for s in served:
+            s.seconds = elapsed
+        return served
+
+    # -- wants ----------------------------------------------------------------------------------------------------
+    @property
+    def _verifier(self):  # noqa: ANN202 - BoundedVerifier | None
+        return self.pipeline.verifier if self.pipeline is not None else None
+
+    def _tier1_wants(self, job: PromptJob, samp: dict) -> list[_Want]:
+        plain = pool_address("tier1", self.teacher, job.prompt_ids, samp)
+        perturbed_index = job.pool_offset + job.perturb_slot if job.perturbation is not None else None
+        wants = []
+        for i in range(job.pool_offset, job.pool_offset + job.n_tier1):
+            if i == perturbed_index:
+                addr = pool_address("perturbed", self.teacher, job.prompt_ids, samp, perturbation=job.perturbation or "")
+                wants.append(_Want(job, addr, TIER1, i, perturbed=True))
+            else:
+                wants.append(_Want(job, plain, TIER1, i))
+        return wants
+
+    def _tier2_wants(self, job: PromptJob, samp: dict) -> list[_Want]:
+        addr = pool_address("tier2", self.teacher, job.prompt_ids, samp, ground_truth=job.ground_truth)
+        return [_Want(job, addr, TIER2, j) for j in range(job.n_tier2)]
+
+    def _serve(self, entry: Entry, correct: bool, k: int, fresh: bool) -> ServedCandidate:
+        topk = entry.topk.slice_k(min(k, entry.k)) if entry.topk is not None else None
+        return ServedCandidate(entry.tier, entry.index, entry.token_ids, entry.answer, correct, entry.leaked,
+                               entry.finish_reason, topk, cached=not fresh, perturbed=entry.perturbed)
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _read(self, wants: Sequence[_Want]) -> dict[bytes, Entry]:
+        found: dict[bytes, Entry] = {}
+        checked: set[bytes] = set()
+        with self.store.read(buffers=True) as txn:
+            for w in wants:
+                if w.address.key not in checked:
+                    checked.add(w.address.key)
+                    raw = txn.get(w.address.key, db=self.store.db["pools"])
+                    if raw is None:
+                        continue
+                    header = decode_pool(raw, f"pool {w.address.key.hex()}")
+                    if not header.matches(w.address.header):
+                        raise CacheCollisionError(
+                            f"cache: pool key {w.address.key.hex()} holds another pool ({header.kind}, "
+                            f"{header.prompt_ids.size} prompt ids); refusing to serve it")
+                raw = txn.get(w.key, db=self.store.db["entries"])
+                if raw is not None:
+                    found[w.key] = decode_entry(raw, f"entry {w.key.hex()}")
+        return found
+
+    def _todo(self, wants: Sequence[_Want], found: dict[bytes, Entry], k: int) -> list[_Want]:
+        """Missing entries, and entries whose stored top-K is narrower than asked (scored again, wider)."""
+        return [w for w in wants if w.key not in found or (found[w.key].topk is not None and found[w.key].k < k)]
+
+    # -- single flight --------------------------------------------------------------------------------------------
+    def _ensure(self, wants: Sequence[_Want], sampling: SamplingParams, seed: int, k: int,
+                generate: bool) -> tuple[dict[bytes, Entry], set[bytes]]:
+        """Make every wanted entry exist (unless not ``generate``); return them as stored, and the ones made here."""
+        unique = list({w.key: w for w in wants}.values())
+        made: set[bytes] = set()
+        while True:
+            found = self._read(unique)
+            todo = self._todo(unique, found, k) if generate else []
+            if not todo:
+                return found, made
+            mine, waits = [], []
+            with self._lock:
+                for w in todo:
+                    if w.key in self._inflight:
+                        waits.append(self._inflight[w.key])
+                    else:
+                        self._inflight[w.key] = Future()
+                        mine.append(w)
+            if mine:
+                try:
+                    self._make(mine, found, sampling, seed, k)
+                    made.update(w.key for w in mine)
+                    error: BaseException | None = None
+                except BaseException as exc:  # noqa: BLE001 - passed to the waiters, then re-raised
+                    error = exc
+                with self._lock:
+                    for w in mine:
+                        future = self._inflight.pop(w.key)
+                        future.set_exception(error) if error is not None else future.set_result(None)
+                if error is not None:
+                    raise error
+            for future in waits:
+                future.exception()  # wait; a failed claim shows up as still missing on the next read
+
+    def _make(self, wants: Sequence[_Want], found: dict[bytes, Entry], sampling: SamplingParams, seed: int,
+              k: int) -> None:
+        """Draw the missing entries (one engine call), score (one scorer call), commit (one transaction)."""
+        assert self.pipeline is not None
+        missing = [w for w in wants if w.key not in found]
+        rescore = [w for w in wants if w.key in found]
+        groups: dict[tuple[bytes, bool], list[_Want]] = {}
+        for w in missing:
+            groups.setdefault((w.address.key, w.perturbed), []).append(w)
+        draws = [
+            Draw(ws[0].job, ws[0].tier, tuple(w.index for w in ws),
+                 tuple(derive_seed(seed, w.address.key, w.index) for w in ws), perturbed=perturbed)
+            for (_, perturbed), ws in groups.items()
+        ]
+        store_k = max(k, self.store_k)
+        with self._engine_lock:
+            drawn = self.pipeline.draw(draws, sampling)
+            pairs: list[tuple[Sequence[int], CandidateRecord]] = []
+            made: list[tuple[_Want, CandidateRecord, int]] = []
+            for ws, records, d in zip(groups.values(), drawn, draws):
+                for w, record, s in zip(ws, records, d.seeds):
+                    made.append((w, record, s))
+                    if w.tier == TIER1 or record.correct:  # Tier-2 attempts are scored when they could be kept
+                        pairs.append((w.job.prompt_ids, record))
+            old = []
+            for w in rescore:
+                e = found[w.key]
+                record = CandidateRecord(e.tier, e.index, tuple(int(t) for t in e.token_ids), e.finish_reason, "",
+                                         e.answer, False)
+                old.append((w, e, record))
+                pairs.append((w.job.prompt_ids, record))
+            self.pipeline.score(pairs, store_k)
+        now = time.time()
+        values: list[tuple[_Want, bytes]] = []
+        for w, record, s in made:
+            entry = Entry(w.tier, w.index, np.asarray(record.token_ids, dtype=np.int32), record.finish_reason,
+                          record.answer, record.leaked, record.perturbed, record.topk, seed=s, created=now)
+            values.append((w, encode_entry(entry, self.logprob_dtype)))
+        for w, e, record in old:
+            e.topk = record.topk
+            values.append((w, encode_entry(e, self.logprob_dtype)))
+        self._commit(values, now)
+        self.generated += len(made)
+        self.rescored += len(old)
+
+    def _commit(self, values: Sequence[tuple[_Want, bytes]], now: float) -> None:
+        db = self.store.db
+
+        def put_all(txn) -> None:  # noqa: ANN001 - lmdb.Transaction
+            for w, value in values:
+                if txn.get(w.address.key, db=db["pools"]) is None:
+                    header = w.address.header
+                    header.created = now
+                    txn.put(w.address.key, encode_pool(header), db=db["pools"])
+                txn.put(w.key, value, db=db["entries"])
+                txn.put(name_key(w.job.prompt_id, w.address.key), w.job.ground_truth.encode(), db=db["names"])
+
+        self.store.write(put_all)
+
+
+def read_entry_checked(value: bytes | memoryview, what: str) -> Entry | None:
+    """Decode a value, or None when it is damaged (for tools that report instead of raising)."""
+    try:
+        return decode_entry(value, what)
+    except CorruptEntryError:
+        return None
