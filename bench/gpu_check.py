@@ -147,7 +147,8 @@ def tiny_qwen2(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, 
 
 # ---------------------------------------------------------------------------------------------- 1. hf engine
 
-def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
+def engine_setup(args: argparse.Namespace, dev: Any) -> tuple[Any, Any, Any, list, Any]:
+    """The random tiny Qwen2 (CPU fp32 master copy and a bf16 copy on ``dev``), tokenizer, requests, sampling."""
     import torch
 
     from brts.server.engines.base import GenerationRequest, SamplingParams
@@ -155,10 +156,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     from brts.shared.tokenizer import bundled_tokenizer_dir, load_tokenizer
 
     tok = load_tokenizer(bundled_tokenizer_dir())
-    ctx = 4096
-    model = tiny_qwen2(args.vocab, args.gen_hidden, 4, 4, 2, ctx, seed=0)
-    probe = HFEngine(model, tok)  # only to read the EOS ids the engine derives
-    eos = probe.eos_token_ids
+    model = tiny_qwen2(args.vocab, args.gen_hidden, 4, 4, 2, 4096, seed=0)
+    eos = HFEngine(model, tok).eos_token_ids  # only to read the EOS ids the engine derives
     # A random head makes every token ~1/V likely, so EOS would never come: give the EOS rows a large weight
     # vector so that EOS becomes likely at some positions (which depend on the context) and some samples stop.
     with torch.no_grad():
@@ -166,7 +165,28 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
         for e in eos:
             model.lm_head.weight[e] = torch.randn(args.gen_hidden, generator=g) * args.eos_boost / math.sqrt(args.gen_hidden)
     model_bf16 = copy.deepcopy(model).to(device=dev, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(123)
+    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.prompts,), generator=g).tolist()
+    requests = [
+        GenerationRequest(
+            tuple(torch.randint(0, 151_643, (L,), generator=g).tolist()),
+            tuple(1000 * i + j for j in range(args.samples)),
+        )
+        for i, L in enumerate(lengths)
+    ]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens)
+    return model, model_bf16, tok, requests, sampling
+
+
+def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
+    import torch
+
+    from brts.server.engines.base import SamplingParams
+    from brts.server.engines.hf import HFEngine
+
+    model, model_bf16, tok, requests, sampling = engine_setup(args, dev)
     engine = HFEngine(model_bf16, tok)
+    eos = engine.eos_token_ids
     out: dict[str, Any] = {
         "model": f"Qwen2ForCausalLM random, vocab {args.vocab}, hidden {args.gen_hidden}, 4 layers, 4 heads, 2 kv heads, bf16, sdpa",
         "eos_token_ids": list(eos),
@@ -174,17 +194,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
         "engine_max_batch_tokens": engine.max_batch_tokens,
     }
     res["engine"] = out
-    g = torch.Generator().manual_seed(123)
     n_prompts, n_samples, new = args.prompts, args.samples, args.new_tokens
-    lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (n_prompts,), generator=g).tolist()
-    requests = [
-        GenerationRequest(
-            tuple(torch.randint(0, 151_643, (L,), generator=g).tolist()),
-            tuple(1000 * i + j for j in range(n_samples)),
-        )
-        for i, L in enumerate(lengths)
-    ]
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=new)
+    lengths = [len(r.prompt_ids) for r in requests]
     out.update(prompts=n_prompts, samples=n_samples, max_new_tokens=new, prompt_lengths=[min(lengths), max(lengths)],
                temperature=args.temperature, top_p=args.top_p)
     log(f"[1] hf engine: {n_prompts} prompts (lengths {min(lengths)}..{max(lengths)}) x {n_samples} samples x "
@@ -584,6 +595,128 @@ def check_fsdp(args: argparse.Namespace, dev: Any, res: dict) -> None:
         free_cuda()
 
 
+# ---------------------------------------------------------------------------------------------- diag: engine
+
+def diag_engine(args: argparse.Namespace, dev: Any, res: dict) -> None:
+    """Where run-to-run differences of one and the same batch come from, and where a decode step's time goes.
+
+    Records every ``_sample`` call (logits, uniforms, chosen ids) of two runs of the same batch: logits that differ
+    mean a non-deterministic model forward; equal logits and uniforms with different ids mean a non-deterministic
+    sampler. Then re-runs the sampler's pieces on fixed inputs, and times the forward and the sampler per step.
+    """
+    import torch
+
+    from brts.server.engines.hf import HFEngine
+
+    out: dict[str, Any] = {}
+    res["diag_engine"] = out
+    _, model_bf16, tok, requests, sampling = engine_setup(args, dev)
+    engine = HFEngine(model_bf16, tok)
+    orig = HFEngine._sample
+    rec: list = []
+    timing = {"sample_s": 0.0, "calls": 0}
+
+    def recorder(logits: Any, u: Any, sp: Any) -> Any:
+        sync(dev)
+        t0 = time.perf_counter()
+        chosen = orig(logits, u, sp)
+        sync(dev)
+        timing["sample_s"] += time.perf_counter() - t0
+        timing["calls"] += 1
+        rec.append((logits.detach().clone(), u.detach().clone(), chosen.clone()))
+        return chosen
+
+    engine._sample = recorder  # instance attribute shadows the staticmethod; called as self._sample(...)
+    req = requests[: max(1, 64 // args.samples)]  # exactly one default group of rows
+    engine.generate(req[:1], sampling)
+    rec.clear()
+    runs = []
+    for _ in range(3):
+        sync(dev)
+        t0 = time.perf_counter()
+        gens = engine.generate(req, sampling)
+        sync(dev)
+        runs.append({"gens": gens, "rec": rec[:], "seconds": time.perf_counter() - t0})
+        rec.clear()
+    n_rows = sum(len(r.seeds) for r in req)
+    steps = len(runs[0]["rec"])
+    out.update(rows=n_rows, steps_run0=steps, seconds_per_run=[r["seconds"] for r in runs],
+               sample_seconds_total_3_runs=timing["sample_s"], sample_calls=timing["calls"])
+    log(f"[diag] one group of {n_rows} rows, {steps} steps/run: runs took {[round(r['seconds'], 2) for r in runs]} s; "
+        f"_sample {1000 * timing['sample_s'] / max(1, timing['calls']):.1f} ms/step (synchronised) of "
+        f"{1000 * sum(r['seconds'] for r in runs) / max(1, timing['calls']):.1f} ms/step")
+
+    def first_difference(r0: list, r1: list) -> dict:
+        for step, ((l0, u0, c0), (l1, u1, c1)) in enumerate(zip(r0, r1)):
+            if l0.shape != l1.shape:
+                return {"step": step, "kind": "batch shape differs (an earlier token differed)"}
+            same_logits = torch.equal(l0, l1)
+            same_u = torch.equal(u0, u1)
+            if not same_logits or not same_u or not torch.equal(c0, c1):
+                d = {"step": step, "logits_equal": same_logits, "u_equal": same_u, "chosen_equal": torch.equal(c0, c1)}
+                if not same_logits:
+                    d["logits_max_abs_diff"] = float((l0.float() - l1.float()).abs().max())
+                    d["rows_with_logit_diff"] = int((l0 != l1).any(-1).sum())
+                if same_logits and same_u:
+                    d["rows_chosen_differ"] = int((c0 != c1).sum())
+                    d["kind"] = "sampler non-deterministic on identical inputs"
+                else:
+                    d["kind"] = "model forward non-deterministic" if not same_logits else "uniforms differ"
+                return d
+        return {"step": None, "kind": "identical"}
+
+    out["run1_vs_run0"] = first_difference(runs[0]["rec"], runs[1]["rec"])
+    out["run2_vs_run0"] = first_difference(runs[0]["rec"], runs[2]["rec"])
+    same = [sum(a.token_ids == b.token_ids for pa, pb in zip(runs[0]["gens"], r["gens"]) for a, b in zip(pa, pb)) for r in runs[1:]]
+    out["samples_identical_run1_run2_vs_run0"] = same
+    log(f"    samples identical to run 0: {same} of {n_rows}; first difference run1: {out['run1_vs_run0']}; run2: {out['run2_vs_run0']}")
+
+    # the sampler and its pieces, repeated on fixed inputs (the prefill step of run 0 and a mid-run step)
+    pieces: dict[str, Any] = {}
+    for label, (logits, u, _) in (("step0", runs[0]["rec"][0]), ("mid", runs[0]["rec"][min(steps - 1, steps // 2)])):
+        outs = [orig(logits, u, sampling) for _ in range(20)]
+        x = logits.float() / sampling.temperature
+        probs = torch.softmax(x, -1)
+        sorts = [torch.sort(probs, dim=-1, descending=True) for _ in range(10)]
+        tops = [torch.topk(probs, 64, dim=-1) for _ in range(10)]
+        cums = [probs.double().cumsum(-1) for _ in range(10)]
+        cumf = [probs.cumsum(-1) for _ in range(10)]
+        ties = float((sorts[0].values[:, 1:] == sorts[0].values[:, :-1]).float().mean())
+        pieces[label] = {
+            "rows": int(logits.shape[0]), "logits_dtype": str(logits.dtype),
+            "sample_repeat_all_equal": all(torch.equal(outs[0], o) for o in outs),
+            "sample_repeat_rows_ever_differ": int(torch.stack([(o != outs[0]) for o in outs]).any(0).sum()),
+            "sort_values_equal": all(torch.equal(sorts[0].values, s.values) for s in sorts),
+            "sort_indices_equal": all(torch.equal(sorts[0].indices, s.indices) for s in sorts),
+            "topk_indices_equal": all(torch.equal(tops[0].indices, t.indices) for t in tops),
+            "cumsum_f64_equal": all(torch.equal(cums[0], c) for c in cums),
+            "cumsum_f32_equal": all(torch.equal(cumf[0], c) for c in cumf),
+            "adjacent_equal_share_in_sorted_probs": ties,
+            "distinct_prob_values_row0": int(torch.unique(probs[0]).numel()),
+        }
+        # the same rows alone (batch of one) through the sampler: does the batch change a row's pick?
+        alone = torch.cat([orig(logits[i : i + 1], u[i : i + 1], sampling) for i in range(logits.shape[0])])
+        pieces[label]["sample_alone_vs_batched_rows_differ"] = int((alone != outs[0]).sum())
+        log(f"    sampler pieces on fixed inputs ({label}): {pieces[label]}")
+    out["sampler_pieces"] = pieces
+
+    # profile: a few decode steps of the whole group
+    from torch.profiler import ProfilerActivity, profile
+
+    engine._sample = orig
+    short = type(sampling)(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=16)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        engine.generate(req, short)
+        sync(dev)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    table_dev = prof.key_averages().table(sort_by=key, row_limit=14)
+    table_cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=14)
+    out["profile_16_steps_by_device_time"] = table_dev
+    out["profile_16_steps_by_cpu_time"] = table_cpu
+    log(f"    profile of {n_rows} rows x 16 new tokens, by {key}:\n{table_dev}\n    by cpu_time_total:\n{table_cpu}")
+
+
 # ---------------------------------------------------------------------------------------------- benches
 
 def run_benches(args: argparse.Namespace, res: dict) -> None:
@@ -609,7 +742,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="path of the JSON of figures")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (small sizes, to check the logic)")
-    p.add_argument("--sections", default="engine,scorer,loss,fsdp,benches", help="comma list of sections to run")
+    p.add_argument("--sections", default="engine,scorer,loss,fsdp,benches",
+                   help="comma list of sections to run: engine,scorer,loss,fsdp,benches and the optional diag")
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--gen-hidden", type=int, default=256)
     p.add_argument("--prompts", type=int, default=32)
@@ -703,6 +837,7 @@ def main() -> None:
     section("loss", lambda: check_loss(args, dev, res))
     section("fsdp", lambda: check_fsdp(args, dev, res))
     section("benches", lambda: run_benches(args, res))
+    section("diag", lambda: diag_engine(args, dev, res))
     Path(args.out).write_text(json.dumps(res, indent=2, default=str))
     log(f"\nerrors: {list(res['errors']) or 'none'}; JSON written to {args.out}")
 

@@ -29,42 +29,10 @@ def main() -> None:
     """
 
 
-@main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of server settings.")
-@click.option("--engine", type=click.Choice(["hf", "vllm", "sglang"]), default=None, help="Generation engine [hf].")
-@click.option("--model", type=click.Path(), help="Teacher model directory (HF format).")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="LMDB cache directory.")
-@click.option("--host", default=None, help="Bind address [127.0.0.1]; any other needs --tls-cert, --tls-key, --token-file.")
-@click.option("--port", type=int, default=None, help="Port [50051]; 0 picks a free one.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate for TLS.")
-@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for TLS.")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
-@click.option("--max-logprob-k", type=int, default=None, help="Largest teacher top-K served per position [16, at most 64].")
-@click.option("--device", default=None, help="Device for the hf engine and the scorer: auto, cpu, cuda, cuda:N.")
-@click.option("--mem-fraction", type=float, default=None, help="GPU memory share of vllm/sglang, the rest is the scorer's.")
-@click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
-@click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
-@click.argument("overrides", nargs=-1)
-def serve(**_: object) -> None:
-    """Run the teacher server (gRPC TeacherService) until SIGTERM/SIGINT. Extra KEY=VALUE override settings."""
-    _not_yet("serve", 5, "the teacher server")
+from brts.cli_serve import prewarm, serve  # noqa: E402 - commands of their own module, registered here
 
-
-@main.command()
-@click.option("--server", default="127.0.0.1:50051", show_default=True, help="HOST:PORT of a running `brts serve`.")
-@click.option("--dataset", default="dapo", show_default=True, help="dapo, an eval set name, or a JSONL/parquet path.")
-@click.option("--n-tier1", type=int, default=4, show_default=True, help="Tier-1 samples per prompt.")
-@click.option("--n-tier2", type=int, default=1, show_default=True, help="Hinted samples when all Tier-1 fail.")
-@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
-@click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight.")
-@click.option("--check", is_flag=True, help="Ask for a sample with generation disabled and report the hit rate.")
-@click.option("--tokenizer", default=None, help="Tokenizer (bundled name or directory) for the prompt spec.")
-@click.option("--chat-template", default=None, help="Chat template: bundled name, tokenizer_config.json or literal.")
-@click.option("--max-prompt-len", type=int, default=None, help="Prompts longer than this are skipped.")
-@click.argument("overrides", nargs=-1)
-def prewarm(**_: object) -> None:
-    """Fill the server's cache over a dataset, as a client of the running server."""
-    _not_yet("prewarm", 5, "cache prewarming")
+main.add_command(serve)
+main.add_command(prewarm)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62rts/proto/teacher.proto\x12\x07\x62rts.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbc\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed\"\xaf\x01\n\rPromptRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x14\n\x0cground_truth\x18\x03 \x01(\t\x12\x0f\n\x07n_tier1\x18\x04 \x01(\x05\x12\x0f\n\x07n_tier2\x18\x05 \x01(\x05\x12\x13\n\x0bpool_offset\x18\x06 \x01(\x05\x12\x14\n\x0cperturbation\x18\x07 \x01(\t\x12\x14\n\x0cperturb_slot\x18\x08 \x01(\x05\"\x8e\x01\n\x11\x43\x61ndidatesRequest\x12\'\n\x07prompts\x18\x01 \x03(\x0b\x32\x16.brts.v1.PromptRequest\x12#\n\x08sampling\x18\x02 \x01(\x0b\x32\x11.brts.v1.Sampling\x12\x11\n\tlogprob_k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xpected_teacher\x18\x04 \x01(\t\"\xdc\x01\n\tCandidate\x12\x0c\n\x04tier\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x05 \x01(\x08\x12\x0e\n\x06leaked\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12 \n\x08topk_ids\x18\x08 \x01(\x0b\x32\x0e.brts.v1.Array\x12%\n\rtopk_logprobs\x18\t \x01(\x0b\x32\x0e.brts.v1.Array\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\"\x9c\x01\n\x10PromptCandidates\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12&\n\ncandidates\x18\x02 \x03(\x0b\x32\x12.brts.v1.Candidate\x12\x13\n\x0btier2_drawn\x18\x03 \x01(\x05\x12\x14\n\x0ctier2_leaked\x18\x04 \x01(\x05\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x0f\n\x07seconds\x18\x06 \x01(\x02\"]\n\tScoreItem\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eresponse_start\x18\x02 \x01(\x05\x12%\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x0e.brts.v1.Array\"D\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.brts.v1.ScoreItem\x12\x11\n\tlogprob_k\x18\x02 \x01(\x05\"\x82\x01\n\x0bScoreResult\x12*\n\x12\x63\x61ndidate_logprobs\x18\x01 \x01(\x0b\x32\x0e.brts.v1.Array\x12 \n\x08topk_ids\x18\x02 \x01(\x0b\x32\x0e.brts.v1.Array\x12%\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x0e.brts.v1.Array\"3\n\nScoreReply\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.brts.v1.ScoreResult\"\r\n\x0bInfoRequest\"\x91\x01\n\tInfoReply\x12\x1b\n\x13teacher_fingerprint\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_logprob_k\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t2\xc1\x01\n\x0eTeacherService\x12H\n\rGetCandidates\x12\x1a.brts.v1.CandidatesRequest\x1a\x19.brts.v1.PromptCandidates0\x01\x12\x33\n\x05Score\x12\x15.brts.v1.ScoreRequest\x1a\x13.brts.v1.ScoreReply\x12\x30\n\x04Info\x12\x14.brts.v1.InfoRequest\x1a\x12.brts.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62rts/proto/teacher.proto\x12\x07\x62rts.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbc\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x11\n\x0f_max_new_tokensB\x07\n\x05_seed\"\xaf\x01\n\rPromptRequest\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x14\n\x0cground_truth\x18\x03 \x01(\t\x12\x0f\n\x07n_tier1\x18\x04 \x01(\x05\x12\x0f\n\x07n_tier2\x18\x05 \x01(\x05\x12\x13\n\x0bpool_offset\x18\x06 \x01(\x05\x12\x14\n\x0cperturbation\x18\x07 \x01(\t\x12\x14\n\x0cperturb_slot\x18\x08 \x01(\x05\"\xa2\x01\n\x11\x43\x61ndidatesRequest\x12\'\n\x07prompts\x18\x01 \x03(\x0b\x32\x16.brts.v1.PromptRequest\x12#\n\x08sampling\x18\x02 \x01(\x0b\x32\x11.brts.v1.Sampling\x12\x11\n\tlogprob_k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xpected_teacher\x18\x04 \x01(\t\x12\x12\n\ncache_only\x18\x05 \x01(\x08\"\xdc\x01\n\tCandidate\x12\x0c\n\x04tier\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x05 \x01(\x08\x12\x0e\n\x06leaked\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12 \n\x08topk_ids\x18\x08 \x01(\x0b\x32\x0e.brts.v1.Array\x12%\n\rtopk_logprobs\x18\t \x01(\x0b\x32\x0e.brts.v1.Array\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\"\xad\x01\n\x10PromptCandidates\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12&\n\ncandidates\x18\x02 \x03(\x0b\x32\x12.brts.v1.Candidate\x12\x13\n\x0btier2_drawn\x18\x03 \x01(\x05\x12\x14\n\x0ctier2_leaked\x18\x04 \x01(\x05\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x0f\n\x07seconds\x18\x06 \x01(\x02\x12\x0f\n\x07missing\x18\x07 \x01(\x05\"]\n\tScoreItem\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eresponse_start\x18\x02 \x01(\x05\x12%\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x0e.brts.v1.Array\"D\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.brts.v1.ScoreItem\x12\x11\n\tlogprob_k\x18\x02 \x01(\x05\"\x82\x01\n\x0bScoreResult\x12*\n\x12\x63\x61ndidate_logprobs\x18\x01 \x01(\x0b\x32\x0e.brts.v1.Array\x12 \n\x08topk_ids\x18\x02 \x01(\x0b\x32\x0e.brts.v1.Array\x12%\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x0e.brts.v1.Array\"3\n\nScoreReply\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.brts.v1.ScoreResult\"\r\n\x0bInfoRequest\"\x91\x01\n\tInfoReply\x12\x1b\n\x13teacher_fingerprint\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_logprob_k\x18\x04 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t2\xc1\x01\n\x0eTeacherService\x12H\n\rGetCandidates\x12\x1a.brts.v1.CandidatesRequest\x1a\x19.brts.v1.PromptCandidates0\x01\x12\x33\n\x05Score\x12\x15.brts.v1.ScoreRequest\x1a\x13.brts.v1.ScoreReply\x12\x30\n\x04Info\x12\x14.brts.v1.InfoRequest\x1a\x12.brts.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPTREQUEST']._serialized_start=282
   _globals['_PROMPTREQUEST']._serialized_end=457
   _globals['_CANDIDATESREQUEST']._serialized_start=460
-  _globals['_CANDIDATESREQUEST']._serialized_end=602
-  _globals['_CANDIDATE']._serialized_start=605
-  _globals['_CANDIDATE']._serialized_end=825
-  _globals['_PROMPTCANDIDATES']._serialized_start=828
-  _globals['_PROMPTCANDIDATES']._serialized_end=984
-  _globals['_SCOREITEM']._serialized_start=986
-  _globals['_SCOREITEM']._serialized_end=1079
-  _globals['_SCOREREQUEST']._serialized_start=1081
-  _globals['_SCOREREQUEST']._serialized_end=1149
-  _globals['_SCORERESULT']._serialized_start=1152
-  _globals['_SCORERESULT']._serialized_end=1282
-  _globals['_SCOREREPLY']._serialized_start=1284
-  _globals['_SCOREREPLY']._serialized_end=1335
-  _globals['_INFOREQUEST']._serialized_start=1337
-  _globals['_INFOREQUEST']._serialized_end=1350
-  _globals['_INFOREPLY']._serialized_start=1353
-  _globals['_INFOREPLY']._serialized_end=1498
-  _globals['_TEACHERSERVICE']._serialized_start=1501
-  _globals['_TEACHERSERVICE']._serialized_end=1694
+  _globals['_CANDIDATESREQUEST']._serialized_end=622
+  _globals['_CANDIDATE']._serialized_start=625
+  _globals['_CANDIDATE']._serialized_end=845
+  _globals['_PROMPTCANDIDATES']._serialized_start=848
+  _globals['_PROMPTCANDIDATES']._serialized_end=1021
+  _globals['_SCOREITEM']._serialized_start=1023
+  _globals['_SCOREITEM']._serialized_end=1116
+  _globals['_SCOREREQUEST']._serialized_start=1118
+  _globals['_SCOREREQUEST']._serialized_end=1186
+  _globals['_SCORERESULT']._serialized_start=1189
+  _globals['_SCORERESULT']._serialized_end=1319
+  _globals['_SCOREREPLY']._serialized_start=1321
+  _globals['_SCOREREPLY']._serialized_end=1372
+  _globals['_INFOREQUEST']._serialized_start=1374
+  _globals['_INFOREQUEST']._serialized_end=1387
+  _globals['_INFOREPLY']._serialized_start=1390
+  _globals['_INFOREPLY']._serialized_end=1535
+  _globals['_TEACHERSERVICE']._serialized_start=1538
+  _globals['_TEACHERSERVICE']._serialized_end=1731
 # @@protoc_insertion_point(module_scope)

@@ -51,16 +51,18 @@ class PromptRequest(_message.Message):
     def __init__(self, prompt_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., ground_truth: _Optional[str] = ..., n_tier1: _Optional[int] = ..., n_tier2: _Optional[int] = ..., pool_offset: _Optional[int] = ..., perturbation: _Optional[str] = ..., perturb_slot: _Optional[int] = ...) -> None: ...
 
 class CandidatesRequest(_message.Message):
-    __slots__ = ("prompts", "sampling", "logprob_k", "expected_teacher")
+    __slots__ = ("prompts", "sampling", "logprob_k", "expected_teacher", "cache_only")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_K_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_TEACHER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[PromptRequest]
     sampling: Sampling
     logprob_k: int
     expected_teacher: str
-    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptRequest, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., logprob_k: _Optional[int] = ..., expected_teacher: _Optional[str] = ...) -> None: ...
+    cache_only: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptRequest, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., logprob_k: _Optional[int] = ..., expected_teacher: _Optional[str] = ..., cache_only: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("tier", "index", "token_ids", "answer", "correct", "leaked", "finish_reason", "topk_ids", "topk_logprobs", "cached")
@@ -87,20 +89,22 @@ class Candidate(_message.Message):
     def __init__(self, tier: _Optional[int] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., leaked: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class PromptCandidates(_message.Message):
-    __slots__ = ("prompt_id", "candidates", "tier2_drawn", "tier2_leaked", "cache_hit", "seconds")
+    __slots__ = ("prompt_id", "candidates", "tier2_drawn", "tier2_leaked", "cache_hit", "seconds", "missing")
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TIER2_DRAWN_FIELD_NUMBER: _ClassVar[int]
     TIER2_LEAKED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     tier2_drawn: int
     tier2_leaked: int
     cache_hit: bool
     seconds: float
-    def __init__(self, prompt_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., tier2_drawn: _Optional[int] = ..., tier2_leaked: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+    missing: int
+    def __init__(self, prompt_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., tier2_drawn: _Optional[int] = ..., tier2_leaked: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., seconds: _Optional[float] = ..., missing: _Optional[int] = ...) -> None: ...
 
 class ScoreItem(_message.Message):
     __slots__ = ("token_ids", "response_start", "candidate_ids")

@@ -118,6 +118,10 @@ class CandidateCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def entry_count(self) -> int:
+        with self.store.read() as txn:
+            return int(txn.stat(self.store.db["entries"])["entries"])
+
     # -- public ---------------------------------------------------------------------------------------------------
     def get(self, jobs: Sequence[PromptJob], sampling: SamplingParams, seed: int, k: int,
             generate: bool = True) -> list[ServedPrompt]:

@@ -87,12 +87,13 @@ class LmdbStore:
             pass
         self.db: dict[str, Any] = {}
         if readonly:
-            with self.env.begin() as txn:
-                for name in DATABASES:
-                    try:
-                        self.db[name] = self.env.open_db(name.encode(), txn=txn, create=False)
-                    except lmdb.NotFoundError as exc:
-                        raise CacheError(f"cache: {self.path} is not a brts cache (no {name!r} database)") from exc
+            # No txn= here: py-lmdb recycles a committed read transaction with mdb_txn_reset, which closes the
+            # handles opened in it (every later use fails with EINVAL); its own temporary transaction commits.
+            for name in DATABASES:
+                try:
+                    self.db[name] = self.env.open_db(name.encode(), create=False)
+                except lmdb.NotFoundError as exc:
+                    raise CacheError(f"cache: {self.path} is not a brts cache (no {name!r} database)") from exc
         else:
             for name in DATABASES:
                 self.db[name] = self.env.open_db(name.encode())

@@ -1,0 +1,110 @@
+"""`brts serve` and `brts prewarm`: parse, build the config, delegate (brts.server.app, brts.server.prewarm)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+
+def _die(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(1)
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of server settings.")
+@click.option("--engine", type=click.Choice(["hf", "vllm", "sglang"]), default=None, help="Generation engine [hf].")
+@click.option("--model", type=click.Path(), help="Teacher model directory (HF format).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="LMDB cache directory [brts-cache].")
+@click.option("--host", default=None, help="Bind address [127.0.0.1]; any other needs --tls-cert, --tls-key, --token-file.")
+@click.option("--port", type=int, default=None, help="Port [50051]; 0 picks a free one.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate for TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for TLS.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
+@click.option("--max-logprob-k", type=int, default=None, help="Largest teacher top-K served per position [16, at most 64].")
+@click.option("--device", default=None, help="Device for the hf engine and the scorer: auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", default=None, help="Model dtype: auto, float32, bfloat16, float16.")
+@click.option("--mem-fraction", type=float, default=None, help="GPU memory share of vllm/sglang, the rest is the scorer's.")
+@click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
+@click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
+@click.option("--sglang-url", default=None, help="Use a running sglang.launch_server over HTTP instead of in-process.")
+@click.option("--teacher-fingerprint", default=None, help="Name the teacher instead of hashing its files.")
+@click.argument("overrides", nargs=-1)
+def serve(config_file: str | None, overrides: tuple[str, ...], teacher_fingerprint: str | None, **options: Any) -> None:
+    """Run the teacher server (gRPC TeacherService) until SIGTERM/SIGINT. Extra KEY=VALUE override settings,
+    e.g. sampling.max_new_tokens=4096 batch_window_ms=20."""
+    from brts.shared.config import ConfigError, ServerConfig, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    values = {k: v for k, v in options.items() if v is not None}
+    try:
+        config = load_config(ServerConfig, config_file, overrides, **values)
+    except ConfigError as exc:
+        _die(f"brts serve: {exc}")
+    from brts.server.app import serve as run_server
+
+    try:
+        run_server(config, teacher_fingerprint, echo=lambda line: click.echo(line, err=False))
+    except (ValueError, ImportError, OSError, RuntimeError) as exc:
+        _die(f"brts serve: {exc}")
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of prewarm settings.")
+@click.option("--server", default=None, help="HOST:PORT of a running `brts serve` [127.0.0.1:50051].")
+@click.option("--dataset", default=None, help="dapo (default), an eval set name, or a JSONL/parquet path.")
+@click.option("--n-tier1", type=int, default=None, help="Tier-1 samples per prompt [4].")
+@click.option("--n-tier2", type=int, default=None, help="Hinted samples when all Tier-1 fail [1].")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
+@click.option("--concurrency", type=int, default=None, help="Calls in flight [4].")
+@click.option("--check", is_flag=True, help="Ask for a sample with generation disabled and report the hit rate.")
+@click.option("--tokenizer", default=None, help="Tokenizer (bundled name or directory) for the prompt spec.")
+@click.option("--chat-template", default=None, help="Chat template: bundled name, tokenizer_config.json or literal.")
+@click.option("--max-prompt-len", type=int, default=None, help="Prompts longer than this are skipped.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), help="Bearer token for the server.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), help="PEM CA/cert to trust (enables TLS).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.argument("overrides", nargs=-1)
+def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, tokenizer: str | None,
+            chat_template: str | None, max_prompt_len: int | None, token_file: str | None, tls_ca: str | None,
+            no_progress: bool, **options: Any) -> None:
+    """Fill the server's cache over a dataset, as a client of the running server. KEY=VALUE overrides, e.g.
+    prompt.instruction_suffix='' sampling.temperature=0.7 (sampling left unset takes the server's defaults)."""
+    from brts.server import prewarm as pw
+    from brts.shared.client import Sampling, TeacherClient, TeacherUnavailableError
+    from brts.shared.config import ConfigError, PrewarmConfig, load_config, parse_overrides
+
+    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    prompt = {k: v for k, v in (("tokenizer", tokenizer), ("chat_template", chat_template),
+                                ("max_prompt_len", max_prompt_len)) if v is not None}
+    if prompt:
+        values["prompt"] = prompt
+    try:
+        config = load_config(PrewarmConfig, config_file, overrides, **values)
+        explicit = parse_overrides(overrides).get("sampling", {})
+    except ConfigError as exc:
+        _die(f"brts prewarm: {exc}")
+    sampling = Sampling(**{k: getattr(config.sampling, k) for k in explicit}) if explicit else None
+    token = open(token_file).read().strip() if token_file else None
+    try:
+        client = TeacherClient(config.server, token=token, tls_ca=tls_ca)
+    except (TeacherUnavailableError, RuntimeError) as exc:
+        _die(f"brts prewarm: {exc}")
+    with client:
+        try:
+            if check:
+                r = pw.check(config, client, sampling)
+                click.echo(f"brts prewarm --check: {r['complete']}/{r['asked']} sampled prompts fully cached "
+                           f"({r['hit_rate']:.0%}), {r['partial']} partly")
+                if r["hit_rate"] == 0:
+                    click.echo("  nothing hit: prewarm has not run for this dataset/teacher, or the prompt spec or "
+                               "sampling differs from what was prewarmed (tokenizer, chat template, suffix)", err=True)
+                return
+            summary = pw.prewarm(config, client, sampling, progress=not no_progress)
+        except ValueError as exc:
+            _die(f"brts prewarm: {exc}")
+    for line in summary.lines():
+        click.echo(f"brts prewarm: {line}")

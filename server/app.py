@@ -1,0 +1,139 @@
+"""``brts serve``: the gRPC server around a ``TeacherRuntime``: limits, TLS + bearer token, health, reflection,
+and a clean stop (drain the calls in flight, then close the cache) on SIGTERM/SIGINT.
+
+Security rule: 127.0.0.1 by default; any other bind address needs TLS and a token (``ServerConfig.check``).
+The token is compared in constant time on every call and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from brts.proto import teacher_pb2, teacher_pb2_grpc
+from brts.server.runtime import TeacherRuntime, build_runtime
+from brts.server.service import TeacherService
+from brts.shared.config import ServerConfig
+
+log = logging.getLogger("brts.serve")
+SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name
+# One streamed message is one prompt: 5 candidates x 8,192 tokens x K=64 x 8 B is ~21 MB; a Score request of
+# 64 sequences x 8,192 tokens x K=16 int32 candidate ids is ~34 MB.
+MAX_SEND_BYTES = 64 << 20
+MAX_RECEIVE_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def read_token(path: str | Path) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"token_file: {path} is empty; put the bearer token clients must send in it")
+    return token
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Every call must carry ``authorization: Bearer <token>``; others get UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(sent).encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def deny(request: Any, context: Any) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+class RunningServer:
+    """A started server: ``port`` is the bound one (``port=0`` picks a free port)."""
+
+    def __init__(self, runtime: TeacherRuntime, max_workers: int = 32, window_s: float | None = None) -> None:
+        cfg = runtime.config
+        interceptors = [BearerTokenInterceptor(read_token(cfg.token_file))] if cfg.token_file else []
+        self.runtime = runtime
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="brts-rpc"),
+                                  options=GRPC_OPTIONS, interceptors=interceptors)
+        self.service = TeacherService(runtime, window_s)
+        teacher_pb2_grpc.add_TeacherServiceServicer_to_server(self.service, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+        if cfg.tls_cert and cfg.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"port: cannot bind {address} (in use, or not an address of this machine)")
+        self.address = f"{cfg.host}:{self.port}"
+
+    def start(self) -> "RunningServer":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new calls, let the ones in flight finish (up to ``grace_s``), then close workers and the cache."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.service.close()
+        self.runtime.close()
+
+
+def serve(config: ServerConfig, teacher_override: str | None = None,
+          echo: Callable[[str], None] = print, stop_event: threading.Event | None = None) -> None:
+    """Build, start, announce, and serve until SIGTERM/SIGINT (or ``stop_event``)."""
+    runtime = build_runtime(config, teacher_override)
+    try:
+        running = RunningServer(runtime).start()
+    except BaseException:
+        runtime.close()
+        raise
+    entries = runtime.cache.entry_count()
+    tls = "TLS + token" if config.tls_cert else ("token" if config.token_file else "plaintext, loopback")
+    echo(f"brts serve: teacher {runtime.fingerprint} ({runtime.engine.name}, {config.model}); "
+         f"cache {config.cache_dir} ({entries} entries); {tls}")
+    echo(f"brts serve: listening on {running.address}")
+    done = stop_event or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        echo("brts serve: stopping: draining calls in flight, then closing the cache")
+        running.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        echo("brts serve: stopped")

@@ -1,0 +1,94 @@
+"""Everything one teacher server holds: engine, exact scorer, tokenizer, fingerprint, verifier, cache.
+
+Why one object: the gRPC service, ``brts serve`` and the tests all need the same assembly, and its teardown order
+matters (stop taking work, drain, close the cache so nothing is half-written, then free the engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from brts.server.cache import CandidateCache
+from brts.server.engines.base import GenerationEngine, SamplingParams, Scorer
+from brts.server.fingerprint import teacher_fingerprint
+from brts.server.pipeline import CandidatePipeline
+from brts.shared.config import ServerConfig
+
+log = logging.getLogger("brts.serve")
+
+
+@dataclass
+class TeacherRuntime:
+    config: ServerConfig
+    engine: GenerationEngine
+    scorer: Scorer
+    tokenizer: Any
+    fingerprint: str
+    tokenizer_fingerprint: str
+    cache: CandidateCache
+    pipeline: CandidatePipeline
+
+    @property
+    def default_sampling(self) -> SamplingParams:
+        s = self.config.sampling
+        return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.vocab_size)
+
+    @property
+    def max_context(self) -> int:
+        return int(min(self.engine.max_context, getattr(self.scorer, "max_context", self.engine.max_context)))
+
+    def close(self) -> None:
+        self.cache.close()
+        self.engine.close()
+        if self.pipeline.verifier is not None:
+            self.pipeline.verifier.close()
+
+
+def _build_engine(config: ServerConfig) -> tuple[GenerationEngine, Scorer]:
+    if config.engine == "hf":
+        from brts.server.engines.hf import HFEngine
+
+        engine = HFEngine.from_pretrained(config.model, device=config.device, dtype=config.dtype)
+        return engine, engine.scorer()
+    from brts.server.scorer import TorchScorer
+
+    scorer = TorchScorer.from_pretrained(config.model, device=config.device, dtype=config.dtype)
+    if config.engine == "vllm":
+        from brts.server.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config.model, dtype=config.dtype, gpu_memory_utilization=config.mem_fraction,
+                          tensor_parallel_size=config.tensor_parallel), scorer
+    from brts.server.engines.sglang_engine import SGLangEngine
+
+    if config.sglang_url:
+        return SGLangEngine(config.model, transport="http", base_url=config.sglang_url), scorer
+    return SGLangEngine(config.model, mem_fraction=config.mem_fraction, tensor_parallel_size=config.tensor_parallel,
+                        engine_kwargs={"dp_size": config.data_parallel} if config.data_parallel > 1 else None), scorer
+
+
+def build_runtime(config: ServerConfig, teacher_override: str | None = None) -> TeacherRuntime:
+    """Load the teacher and open its cache; raises ValueError/ImportError with what to fix."""
+    from brts.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from brts.shared.verify import BoundedVerifier
+
+    model = Path(config.model)
+    if not model.is_dir():
+        raise ValueError(f"model: {model} is not a directory (a local Hugging Face model folder is expected)")
+    tokenizer = load_tokenizer(model)
+    fingerprint = teacher_fingerprint(model, tokenizer, override=teacher_override)
+    engine, scorer = _build_engine(config)
+    verifier = BoundedVerifier()
+    sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+                              top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens)
+    pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k,
+                                 seed=config.sampling.seed, verifier=verifier)
+    cache = CandidateCache(config.cache_dir, fingerprint, pipeline, store_k=config.max_logprob_k)
+    return TeacherRuntime(config, engine, scorer, tokenizer, fingerprint, tokenizer_fingerprint(tokenizer), cache,
+                          pipeline)

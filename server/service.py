@@ -1,0 +1,214 @@
+"""The gRPC ``TeacherService``: GetCandidates (streamed per prompt), Score, Info.
+
+Why batchers: one server is shared by several trainers, so requests that arrive within a short window are
+coalesced into ONE cache call (one engine call for everything missing: four trainers asking at once cost one
+generation), and Score requests are coalesced the same way on their own worker and queue, so a trainer's
+per-step Score never waits behind a long generation. Cached prompts skip the batcher: a snapshot read answers
+them at once, and only prompts with missing entries are queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+
+from brts.proto import teacher_pb2, teacher_pb2_grpc
+from brts.server.cache import ServedPrompt
+from brts.server.engines.base import SamplingParams, ScoreItem, ScoreOutput
+from brts.server.pipeline import PromptJob
+from brts.server.runtime import TeacherRuntime
+from brts.server.validation import Limits, RequestError, candidates_call, score_items
+from brts.shared.topk import to_proto
+
+log = logging.getLogger("brts.serve")
+_STOP = object()
+
+
+@dataclass
+class _Submission:
+    key: Any
+    payload: list[Any]
+    out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+
+
+class Coalescer:
+    """A worker thread that gathers submissions for ``window_s`` and runs each group (same key) in one call.
+
+    ``run(key, payloads) -> results`` gets the concatenated payloads of a group and returns one result per
+    payload item; each submission receives its slice (or the exception) on its own queue.
+    """
+
+    def __init__(self, name: str, run: Callable[[Any, list[Any]], Sequence[Any]], window_s: float) -> None:
+        self._run, self._window = run, window_s
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self.calls = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Any, payload: list[Any]) -> _Submission:
+        sub = _Submission(key, payload)
+        self._queue.put(sub)
+        return sub
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, deadline, stop = [first], time.monotonic() + self._window, False
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            groups: dict[Any, list[_Submission]] = {}
+            for sub in batch:
+                groups.setdefault(sub.key, []).append(sub)
+            for key, subs in groups.items():
+                self._run_group(key, subs)
+            if stop:
+                return
+
+    def _run_group(self, key: Any, subs: list[_Submission]) -> None:
+        items = [x for sub in subs for x in sub.payload]
+        self.calls += 1
+        try:
+            results = list(self._run(key, items))
+        except BaseException as exc:  # noqa: BLE001 - every waiter gets it
+            for sub in subs:
+                sub.out.put(exc)
+            return
+        at = 0
+        for sub in subs:
+            sub.out.put(results[at : at + len(sub.payload)])
+            at += len(sub.payload)
+
+
+def prompt_message(served: ServedPrompt) -> Any:
+    """A ``PromptCandidates`` built from what the cache decoded from its stored bytes."""
+    msg = teacher_pb2.PromptCandidates(
+        prompt_id=served.prompt_id, tier2_drawn=served.tier2_drawn, tier2_leaked=served.tier2_leaked,
+        cache_hit=served.cache_hit, seconds=served.seconds, missing=served.missing,
+    )
+    for c in served.candidates:
+        cand = msg.candidates.add(tier=c.tier, index=c.index, answer=c.answer or "", correct=c.correct,
+                                  leaked=c.leaked, finish_reason=c.finish_reason, cached=c.cached)
+        cand.token_ids.extend(c.token_ids.tolist())
+        if c.topk is not None:
+            to_proto(c.topk.ids, "int32", cand.topk_ids)
+            to_proto(c.topk.logprobs, c.topk.logprobs.dtype.name, cand.topk_logprobs)
+    return msg
+
+
+def score_message(output: ScoreOutput) -> Any:
+    result = teacher_pb2.ScoreResult()
+    to_proto(output.topk.ids, "int32", result.topk_ids)
+    to_proto(output.topk.logprobs, "float32", result.topk_logprobs)
+    if output.candidate_logprobs is not None:
+        to_proto(output.candidate_logprobs, "float32", result.candidate_logprobs)
+    return result
+
+
+class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
+    def __init__(self, runtime: TeacherRuntime, window_s: float | None = None) -> None:
+        cfg = runtime.config
+        self.runtime = runtime
+        self.limits = Limits(
+            vocab_size=runtime.vocab_size, max_context=runtime.max_context, max_logprob_k=cfg.max_logprob_k,
+            max_prompts_per_call=cfg.max_prompts_per_call, max_samples_per_prompt=cfg.max_samples_per_prompt,
+            max_pool_offset=cfg.max_pool_offset, max_new_tokens=max(cfg.sampling.max_new_tokens, 1),
+        )
+        window = cfg.batch_window_ms / 1000 if window_s is None else window_s
+        self.candidates = Coalescer("brts-candidates", self._generate, window)
+        self.scores = Coalescer("brts-score", self._score, window)
+
+    def close(self) -> None:
+        self.candidates.close()
+        self.scores.close()
+
+    # -- workers ----------------------------------------------------------------------------------------------------
+    def _generate(self, key: tuple[SamplingParams, int, int], jobs: list[PromptJob]) -> list[ServedPrompt]:
+        sampling, seed, k = key
+        return self.runtime.cache.get(jobs, sampling, seed, k)
+
+    def _score(self, k: int, items: list[ScoreItem]) -> list[ScoreOutput]:
+        return self.runtime.scorer.score(items, k)
+
+    @staticmethod
+    def _wait(sub: _Submission, context: Any) -> list[Any]:
+        while True:
+            try:
+                result = sub.out.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    raise RuntimeError("client went away") from None
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+    @staticmethod
+    def _abort(context: Any, exc: BaseException, what: str) -> None:
+        if isinstance(exc, RequestError):
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        log.exception("%s failed", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"{what}: {exc.__class__.__name__}: {exc}")
+
+    # -- RPCs -------------------------------------------------------------------------------------------------------
+    def GetCandidates(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802 - gRPC's name
+        rt = self.runtime
+        try:
+            call = candidates_call(request, rt.default_sampling, rt.config.sampling.seed, self.limits, rt.fingerprint)
+            snapshot = rt.cache.get(call.jobs, call.sampling, call.seed, call.k, generate=False)
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "GetCandidates")
+            return
+        pending = []
+        for job, served in zip(call.jobs, snapshot):
+            if served.missing == 0 or call.cache_only:
+                yield prompt_message(served)
+            else:
+                pending.append(job)
+        if not pending:
+            return
+        try:
+            sub = self.candidates.submit((call.sampling, call.seed, call.k), pending)
+            results = self._wait(sub, context)
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "GetCandidates")
+            return
+        for served in results:
+            yield prompt_message(served)
+
+    def Score(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            items, k = score_items(request, self.limits)
+            outputs = self._wait(self.scores.submit(k, items), context)
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "Score")
+            raise  # unreachable: abort raises
+        reply = teacher_pb2.ScoreReply()
+        reply.results.extend(score_message(o) for o in outputs)
+        return reply
+
+    def Info(self, request: Any, context: Any) -> Any:  # noqa: N802
+        rt = self.runtime
+        return teacher_pb2.InfoReply(
+            teacher_fingerprint=rt.fingerprint, tokenizer_fingerprint=rt.tokenizer_fingerprint,
+            vocab_size=rt.vocab_size, max_logprob_k=rt.config.max_logprob_k, engine=rt.engine.name,
+            model=str(rt.config.model),
+        )
