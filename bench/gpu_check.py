@@ -697,8 +697,34 @@ def diag_engine(args: argparse.Namespace, dev: Any, res: dict) -> None:
         # the same rows alone (batch of one) through the sampler: does the batch change a row's pick?
         alone = torch.cat([orig(logits[i : i + 1], u[i : i + 1], sampling) for i in range(logits.shape[0])])
         pieces[label]["sample_alone_vs_batched_rows_differ"] = int((alone != outs[0]).sum())
+        # which piece depends on the batch: sort order of tied values, or the cumsum's rounding
+        s_alone = [torch.sort(probs[i : i + 1], dim=-1, descending=True) for i in range(probs.shape[0])]
+        pieces[label]["sort_indices_alone_vs_batched_rows_differ"] = sum(
+            int(not torch.equal(s_alone[i].indices[0], sorts[0].indices[i])) for i in range(probs.shape[0]))
+        pieces[label]["sort_values_alone_vs_batched_rows_differ"] = sum(
+            int(not torch.equal(s_alone[i].values[0], sorts[0].values[i])) for i in range(probs.shape[0]))
+        sv = sorts[0].values
+        pieces[label]["cumsum_f32_alone_vs_batched_rows_differ"] = sum(
+            int(not torch.equal(sv[i : i + 1].cumsum(-1)[0], sv.cumsum(-1)[i])) for i in range(sv.shape[0]))
+        pieces[label]["cumsum_f64_alone_vs_batched_rows_differ"] = sum(
+            int(not torch.equal(sv[i : i + 1].double().cumsum(-1)[0], sv.double().cumsum(-1)[i])) for i in range(sv.shape[0]))
         log(f"    sampler pieces on fixed inputs ({label}): {pieces[label]}")
     out["sampler_pieces"] = pieces
+
+    # throughput of the full call (all prompts x samples), repeated: is the tokens/s figure stable?
+    engine._sample = orig
+    reps = []
+    for _ in range(args.diag_gen_repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        gens = engine.generate(requests, sampling)
+        sync(dev)
+        secs = time.perf_counter() - t0
+        n_tok = sum(len(x.token_ids) for per in gens for x in per)
+        reps.append({"seconds": secs, "tokens": n_tok, "tokens_per_s": n_tok / secs})
+    out["full_call_repeats"] = reps
+    log(f"    full call ({len(requests)} x {args.samples} x {args.new_tokens}) repeated: "
+        f"{[round(r['tokens_per_s']) for r in reps]} tokens/s")
 
     # profile: a few decode steps of the whole group
     from torch.profiler import ProfilerActivity, profile
@@ -771,10 +797,13 @@ def main() -> None:
     p.add_argument("--bench-loss-args", default="", help="extra args for bench/bench_loss_memory.py")
     p.add_argument("--bench-score-args", default="", help="extra args for bench/bench_scoring_memory.py")
     p.add_argument("--bench-timeout", type=int, default=240)
+    p.add_argument("--diag-gen-repeats", type=int, default=3, help="diag: timed repeats of the full generate call")
+    p.add_argument("--sdpa-backend", default="default", choices=["default", "math", "efficient", "flash", "cudnn"],
+                   help="restrict torch's SDPA to one backend for the whole run (default: torch's choice)")
     p.add_argument("--small", action="store_true", help="CPU-sized problem (implied by --device cpu)")
     args = p.parse_args()
     if args.device == "cpu" or args.small:
-        args.prompts, args.samples, args.new_tokens, args.prompt_max, args.alone = 4, 2, 24, 48, 2
+        args.prompts, args.samples, args.new_tokens, args.prompt_max, args.alone, args.diag_gen_repeats = 4, 2, 24, 48, 2, 1
         args.gen_hidden, args.score_lengths = 64, [96, 40, 17]
         args.loss_tokens, args.loss_hidden, args.loss_chunk, args.loss_repeats = 256, 64, 100, 1
         args.fsdp_batch, args.fsdp_tokens, args.fsdp_hidden, args.fsdp_chunk, args.fsdp_steps = 4, 64, 64, 50, 3
@@ -806,6 +835,13 @@ def main() -> None:
         },
         "errors": {},
     }  # fmt: skip
+    if args.sdpa_backend != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[args.sdpa_backend]
+        sdpa_kernel([backend]).__enter__()  # for the whole process
+    res["env"]["sdpa_backend"] = args.sdpa_backend
     log(f"gpu_check: {res['env']}")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     shared: dict[str, Any] = {}

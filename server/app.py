@@ -136,4 +136,6 @@ def serve(config: ServerConfig, teacher_override: str | None = None,
         running.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        echo("brts serve: stopped")
+        p, c = runtime.pipeline, runtime.cache
+        echo(f"brts serve: stopped (generated {c.generated} entries in {p.engine_calls} engine calls, "
+             f"rescored {c.rescored}, {running.service.scores.calls} score batches)")

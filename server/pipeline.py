@@ -150,6 +150,8 @@ class CandidatePipeline:
         self.sampling, self.logprob_k, self.seed = sampling, logprob_k, seed
         self.verifier, self.keep_leaked = verifier, keep_leaked
         self.seed_fn = seed_fn or self._default_seed
+        self.engine_calls = 0  # generation calls made (the server reports it; tests check batching with it)
+        self.score_calls = 0
 
     def _default_seed(self, job: PromptJob, tier: int, index: int) -> int:
         extra = job.ground_truth if tier == TIER2 else ""  # Tier-2 pools depend on the answer in the hint
@@ -197,6 +199,7 @@ class CandidatePipeline:
                 prompt = tuple(d.job.prompt_ids)
             requests.append(GenerationRequest(prompt, tuple(d.seeds)))
         outputs = self.engine.generate(requests, sampling or self.sampling) if requests else []
+        self.engine_calls += bool(requests)
         by_draw = []
         for d, gens in zip(draws, outputs):
             records = self._records(d.tier, list(d.indices), gens, [d.job.ground_truth] * len(gens))
@@ -210,6 +213,7 @@ class CandidatePipeline:
         items = [ScoreItem(tuple(prompt) + record.token_ids, len(prompt)) for prompt, record in pairs]
         if not items:
             return
+        self.score_calls += 1
         for (_, record), output in zip(pairs, self.scorer.score(items, k or self.logprob_k)):
             record.topk = output.topk
 

@@ -90,6 +90,15 @@ class TopK:
     def __post_init__(self) -> None:
         validate_topk(self.ids, self.logprobs)
 
+    @classmethod
+    def trusted(cls, ids: np.ndarray, logprobs: np.ndarray) -> "TopK":
+        """Wrap arrays already known valid (checksummed cache bytes, a slice of a valid TopK) without re-checking:
+        validation is a full pass over the arrays, which would dominate the cache's read path."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "ids", ids)
+        object.__setattr__(obj, "logprobs", logprobs)
+        return obj
+
     @property
     def length(self) -> int:
         return int(self.ids.shape[0])
@@ -102,7 +111,9 @@ class TopK:
         """The top ``k`` of a larger stored K: the rows are sorted, so this is a column slice."""
         if not 1 <= k <= self.k:
             raise ValueError(f"k: must be between 1 and the stored K={self.k}, got {k}")
-        return TopK(self.ids[:, :k], self.logprobs[:, :k])
+        if k == self.k:
+            return self
+        return TopK.trusted(self.ids[:, :k], self.logprobs[:, :k])
 
     def pack(self, logprob_dtype: str = "float32") -> tuple[PackedArray, PackedArray]:
         if logprob_dtype not in LOGPROB_DTYPES:

@@ -85,19 +85,23 @@ class LmdbStore:
             self.env.reader_check()  # clear reader slots left by killed processes
         except lmdb.Error:
             pass
-        self.db: dict[str, Any] = {}
-        if readonly:
-            # No txn= here: py-lmdb recycles a committed read transaction with mdb_txn_reset, which closes the
-            # handles opened in it (every later use fails with EINVAL); its own temporary transaction commits.
-            for name in DATABASES:
-                try:
-                    self.db[name] = self.env.open_db(name.encode(), create=False)
-                except lmdb.NotFoundError as exc:
-                    raise CacheError(f"cache: {self.path} is not a brts cache (no {name!r} database)") from exc
-        else:
-            for name in DATABASES:
-                self.db[name] = self.env.open_db(name.encode())
-        self._check_schema()
+        try:
+            self.db: dict[str, Any] = {}
+            if readonly:
+                # No txn= here: py-lmdb recycles a committed read transaction with mdb_txn_reset, which closes the
+                # handles opened in it (every later use fails with EINVAL); its own temporary transaction commits.
+                for name in DATABASES:
+                    try:
+                        self.db[name] = self.env.open_db(name.encode(), create=False)
+                    except lmdb.NotFoundError as exc:
+                        raise CacheError(f"cache: {self.path} is not a brts cache (no {name!r} database)") from exc
+            else:
+                for name in DATABASES:
+                    self.db[name] = self.env.open_db(name.encode())
+            self._check_schema()
+        except BaseException:
+            self.env.close()  # else this process could not open the folder again (py-lmdb: 'already open')
+            raise
 
     def _check_schema(self) -> None:
         with self.read() as txn:

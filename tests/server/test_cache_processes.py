@@ -5,11 +5,12 @@ process). The scripts live in ``cache_scripts/``: ``writer.py`` fills a ``Candid
 and prints one flushed line per committed get(); ``reader.py`` re-reads the whole cache in snapshots. Both start
 with a small map so the writer really grows it (``MapFullError``) and the reader really meets
 ``MapResizedError``. The writers use the Qwen tokenizer's own ``tokenizers`` backend (see
-``cache_scripts/common.py``) so a restart costs ~1 s instead of a torch import.
+``cache_scripts/cache_proc_common.py``) so a restart costs ~1 s instead of a torch import.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -25,8 +27,12 @@ HERE = Path(__file__).parent
 SCRIPTS = HERE / "cache_scripts"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SCRIPTS))
-import common  # noqa: E402  (cache_scripts/common.py)
-from reader import one_pass  # noqa: E402  (cache_scripts/reader.py)
+import cache_proc_common as common  # noqa: E402  (cache_scripts/cache_proc_common.py)
+
+_spec = importlib.util.spec_from_file_location("brts_cache_test_reader", SCRIPTS / "reader.py")
+_reader = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_reader)
+one_pass = _reader.one_pass  # the reader script's snapshot check, reused after each kill
 
 from brts.server.cache import CandidateCache, admin  # noqa: E402
 from brts.server.cache.store import LmdbStore  # noqa: E402
@@ -55,7 +61,7 @@ def _start_writer(cache_dir: Path, log: Path, tokenizer_json: Path, start: int, 
         return subprocess.Popen(cmd, stdout=out, stderr=err, env=ENV)
 
 
-def _wait_for(proc: subprocess.Popen, ready: "callable", what: str, log: Path, timeout: float = 60.0) -> None:
+def _wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:

@@ -106,7 +106,7 @@ def test_served_topk_is_the_exact_scorers_up_to_float16(served: dict[str, Any], 
 
 def test_stored_bytes_per_token_on_real_candidates(served: dict[str, Any]) -> None:
     value_bytes = tokens = scored_bytes = scored_tokens = 0
-    with LmdbStore(served["path"]) as store, store.read() as txn:
+    with LmdbStore(served["path"], readonly=True) as store, store.read() as txn:
         for _, value in txn.cursor(db=store.db["entries"]):
             entry = decode_entry(value)
             value_bytes += len(value)
@@ -139,11 +139,11 @@ def test_another_teachers_fingerprint_sees_nothing(served: dict[str, Any], toy_t
     assert other != served["teacher"]
     jobs = served["jobs"]
     for fingerprint in (other, teacher_fingerprint(toy_teacher_dir, override="other")):
-        with CandidateCache(served["path"], fingerprint, None, store_k=K) as cache:
+        with CandidateCache(served["path"], fingerprint, None, store_k=K, readonly=True) as cache:
             replies = cache.get(jobs, SAMPLING, seed=SEED, k=K, generate=False)
         assert all(p.candidates == [] and p.tier2_attempts == [] for p in replies)
         # no candidate is correct, so every window also wants its Tier-2 attempts: all missing too
         assert [p.missing for p in replies] == [N_TIER1 + N_TIER2] * N_PROBLEMS
-    with CandidateCache(served["path"], served["teacher"], None, store_k=K) as same:
+    with CandidateCache(served["path"], served["teacher"], None, store_k=K, readonly=True) as same:
         again = same.get(jobs, SAMPLING, seed=SEED, k=K, generate=False)  # another handle, same teacher: all there
     assert [_bytes(p) for p in again] == [_bytes(p) for p in served["first"]]
