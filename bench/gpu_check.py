@@ -286,7 +286,7 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     batch32 = eng32.generate(sub, sampling)
     alone32 = [eng32.generate([r], sampling)[0] for r in sub[: len(idx)]]
     rep["fp32_alone_vs_batch"] = same_share(alone32, batch32[: len(idx)])
-    rep["fp32_vs_bf16_same_batch_position"] = same_share(alone32, alone)
+    rep["fp32_vs_bf16_same_batch_position"] = same_share(alone32, alone)  # fp32 alone vs bf16 alone, same seeds
     # a peaked sampling distribution (top_k=20): a near-uniform random model flips a token on the smallest
     # rounding difference, so this shows whether that alone explains the batch-vs-alone differences
     peaked = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=20, max_new_tokens=new)

@@ -125,7 +125,7 @@ class TeacherClient:
     tls_server_name: str | None = None
     timeout_s: float = 3600.0
     connect_timeout_s: float = 10.0
-    retries: int = 5
+    retries: int = 8  # backoff 0.5, 1, 2, 4, 8, then 10 s (jittered): ~45 s covers a server restart
     backoff_s: float = 0.5
     expected_teacher: str | None = None
     info: ServerInfo | None = field(default=None, init=False)

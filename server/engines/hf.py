@@ -251,7 +251,10 @@ class HFEngine:
         """Inverse-CDF draw from ``probs`` [B, C] (sorted descending when ``top_p < 1``); ``idx`` maps columns
         to token ids (None: column = id)."""
         if top_p < 1.0:
-            before = probs.cumsum(-1) - probs
+            # float64: an fp32 cumsum on CUDA rounds differently with the batch's row count, which moved the
+            # nucleus edge for 1-2 rows in 64 between a sample drawn alone and the same one drawn in a batch
+            wide = probs.double()
+            before = wide.cumsum(-1) - wide
             probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
         cdf = probs.double().cumsum(-1)
         target = (u.double() * cdf[:, -1]).unsqueeze(-1)

@@ -1,0 +1,144 @@
+"""The server under operations: security (TLS + token, non-loopback refusal), kill -9 during a prewarm and a
+restart, and a Score call that completes while a long generation runs. Real `brts serve` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_proc import BRTS, ServerProcess, free_port  # noqa: E402
+
+from brts.server.toy import TOY_CHAT_TEMPLATE, make_problems, toy_prompt_spec  # noqa: E402
+from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402
+
+
+def _brts(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*BRTS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_non_loopback_bind_without_tls_and_token_refuses_to_start(tmp_path):
+    r = _brts("serve", "--model", str(tmp_path), "--host", "0.0.0.0", "--port", "0")
+    assert r.returncode == 1
+    assert "host: binding 0.0.0.0 (not loopback) requires TLS and a bearer token" in r.stderr
+    assert "tls_cert" in r.stderr and "token_file" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_tls_and_bearer_token(toy_teacher_dir, tmp_path):
+    cert, key, token_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    secret = "s3cret-token-value"
+    token_file.write_text(secret + "\n")
+    server = ServerProcess(toy_teacher_dir, tmp_path / "cache",
+                           ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token_file)])
+    try:
+        with TeacherClient(server.address, token=secret, tls_ca=str(cert)) as client:
+            assert client.info.engine == "hf"
+        for token in ("wrong", None):
+            with pytest.raises(grpc.RpcError) as info:
+                TeacherClient(server.address, token=token, tls_ca=str(cert))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(ConnectionError, match="not reachable"):  # plaintext against a TLS server
+            TeacherClient(server.address, token=secret, connect_timeout_s=2)
+    finally:
+        server.stop()
+    assert secret not in "\n".join(server.lines)
+
+
+def _stats(cache: Path) -> dict:
+    r = _brts("cache", "stats", str(cache), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_kill_9_during_prewarm_then_restart_finishes_without_regenerating(toy_teacher_dir, tmp_path):
+    problems = make_problems(40, seed=77)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"id": p.id, "problem": p.problem, "answer": p.answer}) + "\n" for p in problems))
+    cache, port = tmp_path / "cache", free_port()
+    serve_args = ["sampling.max_new_tokens=24", "sampling.temperature=1.0"]
+    prewarm = [*BRTS, "prewarm", "--server", f"127.0.0.1:{port}", "--dataset", str(data), "--n-tier1", "2",
+               "--n-tier2", "2", "--concurrency", "2", "--chat-template", TOY_CHAT_TEMPLATE, "--no-progress",
+               "prompts_per_call=4", "prompt.instruction_suffix="]
+    first = ServerProcess(toy_teacher_dir, cache, serve_args, port=port)
+    client = subprocess.Popen(prewarm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _stats(cache)["entries"] < 12:  # part of the work is committed: kill in the middle of it
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.3)
+        first.kill()
+        before = _stats(cache)["entries"]
+        assert 0 < before < 40 * 2
+        second = ServerProcess(toy_teacher_dir, cache, serve_args, port=port)
+        out, _ = client.communicate(timeout=300)
+        assert client.returncode == 0, out
+        assert "brts prewarm: prompts 40" in out and "Tier-1 solve rate" in out
+        counts = ServerProcess.counts(second.stop())
+    finally:
+        if client.poll() is None:
+            client.kill()
+        first.proc.poll() is None and first.kill()
+    after = _stats(cache)["entries"]
+    assert counts["generated"] == after - before  # the restart drew only what the killed server had not committed
+    assert _brts("cache", "verify", str(cache)).returncode == 0
+    third = ServerProcess(toy_teacher_dir, cache, serve_args, port=port)
+    try:
+        check = subprocess.run([a for a in prewarm if a != "--no-progress"] + ["--check"], capture_output=True,
+                               text=True, timeout=120)
+        assert "40/40 sampled prompts fully cached (100%)" in check.stdout, check.stdout + check.stderr
+        # every pool complete: asking again draws nothing
+        rerun = subprocess.run(prewarm, capture_output=True, text=True, timeout=120)
+        assert "(40 already cached" in rerun.stdout, rerun.stdout
+    finally:
+        assert ServerProcess.counts(third.stop())["generated"] == 0
+
+
+@pytest.fixture(scope="module")
+def rambling_teacher(tmp_path_factory, qwen_tokenizer, tiny_qwen2_factory):
+    """A random tiny Qwen2 with the full vocabulary: it never says EOS, so every sample runs to max_new_tokens."""
+    folder = tmp_path_factory.mktemp("rambler")
+    model = tiny_qwen2_factory(vocab_size=151_936, hidden_size=64, layers=2, max_positions=4096)
+    model.generation_config.eos_token_id = [151645]
+    model.save_pretrained(folder)
+    qwen_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_score_completes_while_a_long_generation_runs(rambling_teacher, tmp_path, qwen_tokenizer):
+    server = ServerProcess(rambling_teacher, tmp_path / "cache", ["sampling.max_new_tokens=300", "batch_window_ms=5"])
+    spec = toy_prompt_spec(qwen_tokenizer)
+    prompts = [Prompt(p.id, tuple(spec.encode(p.problem)), p.answer, n_tier1=2) for p in make_problems(2, seed=5)]
+    times: dict[str, float] = {}
+    try:
+        with TeacherClient(server.address) as client:
+            def generate():
+                list(client.get_candidates(prompts, Sampling(temperature=1.0), logprob_k=4))
+                times["generation_done"] = time.monotonic()
+
+            worker = threading.Thread(target=generate)
+            start = time.monotonic()
+            worker.start()
+            time.sleep(1.0)  # the generation is under way
+            seq = list(prompts[0].prompt_ids) + list(range(100, 400))
+            (result,) = client.score([seq], [len(prompts[0].prompt_ids)], logprob_k=4)
+            assert worker.is_alive()  # still generating
+            times["score_done"] = time.monotonic()
+            assert result.topk_ids.shape == (300, 4)
+            worker.join(timeout=300)
+    finally:
+        server.stop()
+    assert "generation_done" in times
+    assert times["score_done"] < times["generation_done"], times  # Score did not wait behind the generation
+    assert times["score_done"] - start < 0.5 * (times["generation_done"] - start)
