@@ -1,0 +1,581 @@
+"""Teacher-server overhead: the gRPC path against the same work done in one process, side by side in one run.
+
+Why: a trainer talks to ``brts serve`` over gRPC, so what the server adds on top of the cache and the engine
+(building the messages, the wire, the client's decode, the coalescing batchers) must stay small next to the
+work itself (issue #5's targets). Three measurements, each against its in-process twin in the same run, with
+the timed repeats of the two sides interleaved, reported as medians:
+
+(1) hit path: GetCandidates for 64 prompts × 4 cached candidates × 4,096 tokens at K=16 over loopback (a real
+    in-process gRPC server, ``RunningServer`` + ``TeacherClient``), against ``cache.get(..., generate=False)``
+    on the runtime's own cache object (LMDB cannot open one folder twice in a process), the same read + decode
+    + judge + slice the server does before building its messages. The entries are written first through the
+    real ``CandidatePipeline`` and ``CandidateCache`` around test doubles at the engine boundary: an engine that
+    returns 4,095 deterministic Zipf-like tokens + EOS per seed (vocab 151,936) and a scorer that returns
+    teacher-like top-K (sorted descending log-probs with a confident top-1, ids Zipf-like over the vocab, the
+    sampled token usually the top-1). Payload MB/s counts the decoded arrays (token ids int32 + top-K ids int32
+    + log-probs float16 = 100 B/token at K=16); the ratio is the server's throughput over the direct read's,
+    goal >= 0.5. Rows below it split the server-side cost (message build, serialize, parse + decode).
+(2) miss path: candidates/s through the server against the same engine called directly, on a tiny random
+    Qwen2 (vocab 151,936, hidden 64, 2 layers, fp32, CPU) with the hf engine: 16 prompts × 4 samples × 64 new
+    tokens, scored at K=16. The server is ``build_runtime`` + ``RunningServer`` on a fresh cache; the direct
+    side is ``CandidateCache.get`` on a second fresh cache folder over the runtime's own pipeline (the same
+    engine object). Repeat r asks both sides for pool window [4r, 4r + 4), so every repeat is all misses and
+    both sides draw the very same seeds; the candidates they return are compared. Goal: ratio >= 0.9.
+(3) Score under load: 4 clients (threads, each its own ``TeacherClient``) each scoring 8 sequences of 2,048
+    tokens with K=16 candidate ids per response position, against one client alone scoring 8: aggregate
+    response positions/s and the scaling ratio (aggregate with 4 / alone), on the same tiny-model server.
+
+    .venv/bin/python bench/bench_server.py                         # all three parts (~4 min on 2 CPU cores)
+    .venv/bin/python bench/bench_server.py --part hit --repeats 7   # one part; see --help for the sizes
+
+Everything runs in one process: the server's worker threads and the clients share the interpreter (and its
+GIL) and the machine's cores, as they would not across machines, so the ratios are a conservative bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 151_936
+FIRST_SPECIAL = 151_643  # ids from here on are special tokens of the Qwen2.5 tokenizer
+MB = 1e6
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def zipf_weights_cdf(vocab: int, s: float = 1.1, offset: float = 2.7) -> np.ndarray:
+    """CDF of p(id) ∝ (id + offset)^-s: low ids are the frequent ones, as in a BPE vocabulary."""
+    cdf = np.cumsum((np.arange(vocab, dtype=np.float64) + offset) ** -s)
+    return cdf / cdf[-1]
+
+
+_CDF_VOCAB = zipf_weights_cdf(VOCAB)
+_CDF_TEXT = zipf_weights_cdf(FIRST_SPECIAL)
+
+
+def zipf_ids(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """int32 [rows, k]: k distinct Zipf-like ids per row over the whole vocabulary, in random order."""
+    draws = np.searchsorted(_CDF_VOCAB, rng.random((rows, 3 * k))).astype(np.int64)
+    draws.sort(axis=1)
+    dup = np.zeros_like(draws, dtype=bool)
+    dup[:, 1:] = draws[:, 1:] == draws[:, :-1]
+    draws[dup] = VOCAB + np.arange(int(dup.sum()))  # push repeats past the end, keep the first k distinct
+    draws.sort(axis=1)
+    ids = draws[:, :k]
+    short = ids >= VOCAB  # fewer than k distinct draws (rare): uniform fill
+    ids[short] = rng.integers(0, VOCAB, int(short.sum()))
+    order = np.argsort(rng.random((rows, k)), axis=1)
+    return np.take_along_axis(ids, order, axis=1).astype(np.int32)
+
+
+def teacher_logprobs(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """float32 [rows, k], rows sorted descending: a confident top-1 (p ~ Beta(6, 1)), a runner-up taking a share
+    of the rest, then gaps of ~0.7 nats, as in a reasoning model's T=1 top-K."""
+    p1 = rng.beta(6.0, 1.0, rows)
+    lp = np.empty((rows, k), dtype=np.float64)
+    lp[:, 0] = np.log(p1)
+    lp[:, 1] = np.log(np.maximum((1 - p1) * rng.beta(5.0, 2.0, rows), 1e-30))
+    lp[:, 2:] = lp[:, 1:2] - np.cumsum(rng.exponential(0.7, (rows, k - 2)), axis=1)
+    lp = np.minimum.accumulate(np.minimum(lp, 0.0), axis=1)
+    return lp.astype(np.float16).astype(np.float32)  # float16-representable: the cache stores float16
+
+
+def timed_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[list[float], list[float], Any, Any]:
+    """One untimed warm-up call of each, then ``repeats`` timed rounds, the order alternating per round."""
+    ra, rb = a(), b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for r in range(repeats):
+        for fn, times, first in ((a, ta, True), (b, tb, False)) if r % 2 == 0 else ((b, tb, False), (a, ta, True)):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            if first:
+                ra = out
+            else:
+                rb = out
+    return ta, tb, ra, rb
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: Sequence[float]) -> str:
+    return f"{min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}" if len(xs) > 1 else f"{xs[0] * 1e3:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------------- (1) hit path
+
+
+class FixedLengthEngine:
+    """``GenerationEngine`` double: per seed, ``tokens - 1`` deterministic Zipf-like text ids, then EOS."""
+
+    name = "bench-fixed"
+    vocab_size = VOCAB
+
+    def __init__(self, tokens: int, eos: int, max_context: int) -> None:
+        self.tokens, self.eos, self.max_context = tokens, eos, max_context
+        self.eos_token_ids = (eos,)
+        self.samples = 0
+
+    def generate(self, requests: Sequence[Any], sampling: Any) -> list[list[Any]]:
+        from brts.server.engines.base import Generation
+
+        out = []
+        for req in requests:
+            gens = []
+            for seed in req.seeds:
+                rng = np.random.default_rng(seed)
+                body = np.searchsorted(_CDF_TEXT, rng.random(self.tokens - 1))
+                gens.append(Generation(tuple(body.tolist()) + (self.eos,), "stop"))
+                self.samples += 1
+            out.append(gens)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class TeacherLikeScorer:
+    """``Scorer`` double: sorted teacher-like top-K per response position, deterministic in the sequence; the
+    token actually next is the top-1 in 85% of rows and ranks 2-4 otherwise (as sampled text mostly is)."""
+
+    vocab_size = VOCAB
+
+    def __init__(self, max_context: int) -> None:
+        self.max_context = max_context
+
+    def score(self, items: Sequence[Any], k: int) -> list[Any]:
+        from brts.server.engines.base import ScoreOutput
+        from brts.shared.topk import TopK
+
+        outs = []
+        for item in items:
+            seq = np.asarray(item.token_ids, dtype=np.int64)
+            seed = int.from_bytes(hashlib.blake2b(seq.tobytes(), digest_size=8).digest(), "little")
+            rng = np.random.default_rng(seed)
+            nxt = seq[item.response_start:]
+            rows = nxt.size
+            ids = zipf_ids(rng, rows, k)
+            pick = np.where(rng.random(rows) < 0.85, 0, rng.integers(1, min(4, k), rows))
+            at = np.arange(rows)
+            eq = ids == nxt[:, None]
+            has = eq.any(axis=1)
+            col = eq.argmax(axis=1)
+            ids[at[has], col[has]] = ids[at[has], pick[has]]  # keep the row's ids distinct: swap, then place
+            ids[at, pick] = nxt
+            outs.append(ScoreOutput(TopK(ids, teacher_logprobs(rng, rows, k)), None))
+        return outs
+
+
+def hit_runtime(folder: Path, args: argparse.Namespace) -> Any:
+    """A ``TeacherRuntime`` around the doubles, with the real pipeline, verifier and cache."""
+    from brts.server.cache import CandidateCache
+    from brts.server.pipeline import CandidatePipeline
+    from brts.server.runtime import TeacherRuntime
+    from brts.shared.config import ServerConfig, load_config
+    from brts.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from brts.shared.verify import BoundedVerifier
+
+    tokenizer = load_tokenizer("qwen2.5-instruct")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = load_config(
+        ServerConfig, None,
+        [f"sampling.max_new_tokens={args.hit_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",
+         f"max_logprob_k={args.k}"],
+        model=str(folder), cache_dir=str(folder / "cache"), port=0)
+    max_context = args.hit_tokens + args.prompt_len + 16
+    engine, scorer = FixedLengthEngine(args.hit_tokens, eos, max_context), TeacherLikeScorer(max_context)
+    verifier = BoundedVerifier()
+    s = config.sampling
+    from brts.server.engines.base import SamplingParams
+
+    sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
+    pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k, seed=s.seed,
+                                 verifier=verifier)
+    cache = CandidateCache(config.cache_dir, "teacher-bench-hit", pipeline, store_k=config.max_logprob_k)
+    return TeacherRuntime(config, engine, scorer, tokenizer, "teacher-bench-hit", tokenizer_fingerprint(tokenizer),
+                          cache, pipeline)
+
+
+def make_prompts(n: int, samples: int, length: int, seed: int, offset: int = 0) -> tuple[list[Any], list[Any]]:
+    """The same prompts as client ``Prompt``s and as cache ``PromptJob``s (random text ids, fixed length)."""
+    from brts.server.pipeline import PromptJob
+    from brts.shared.client import Prompt
+
+    rng = np.random.default_rng(seed)
+    ids = [tuple(int(t) for t in rng.integers(0, FIRST_SPECIAL, length)) for _ in range(n)]
+    prompts = [Prompt(f"p{i}", ids[i], str(i), n_tier1=samples, pool_offset=offset) for i in range(n)]
+    jobs = [PromptJob(f"p{i}", ids[i], str(i), n_tier1=samples, pool_offset=offset) for i in range(n)]
+    return prompts, jobs
+
+
+def bench_hit(args: argparse.Namespace) -> dict[str, float]:
+    from brts.proto import teacher_pb2
+    from brts.server.app import RunningServer
+    from brts.server.service import prompt_message
+    from brts.shared.client import TeacherClient, _candidates
+
+    k = args.k
+    prompts, jobs = make_prompts(args.hit_prompts, args.samples, args.prompt_len, seed=1)
+    with tempfile.TemporaryDirectory(prefix="bench-server-hit-") as tmp:
+        runtime = hit_runtime(Path(tmp), args)
+        running = None
+        try:
+            sampling, seed = runtime.default_sampling, runtime.config.sampling.seed
+            t0 = time.perf_counter()
+            filled = runtime.cache.get(jobs, sampling, seed, k)
+            fill_s = time.perf_counter() - t0
+            assert runtime.cache.generated == len(jobs) * args.samples, runtime.cache.generated
+            assert all(len(p.candidates) == args.samples for p in filled)
+            running = RunningServer(runtime, window_s=args.window_ms / 1000).start()
+            client = TeacherClient(running.address)
+
+            def direct() -> list[Any]:
+                return runtime.cache.get(jobs, sampling, seed, k, generate=False)
+
+            def served() -> list[Any]:
+                return list(client.get_candidates(prompts, logprob_k=k))
+
+            t_direct, t_server, got_direct, got_server = timed_pair(direct, served, args.repeats)
+            # where the server's time goes: each piece alone, in this thread (no wire, no threads)
+            msgs: list[Any] = []
+            wire: list[bytes] = []
+
+            def build() -> None:
+                msgs[:] = [prompt_message(s) for s in direct()]
+
+            def serialize() -> None:
+                wire[:] = [m.SerializeToString() for m in msgs]
+
+            def parse() -> list[Any]:
+                return [_candidates(teacher_pb2.PromptCandidates.FromString(b)) for b in wire]
+
+            pieces = {}
+            for name, fn in (("cache.get + prompt_message (server build)", build), ("SerializeToString", serialize),
+                             ("FromString + client decode", parse)):
+                fn()
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                pieces[name] = med(times)
+            client.close()
+        finally:
+            if running is not None:
+                running.stop(grace_s=5)
+            else:
+                runtime.close()
+
+    # the server must have served exactly what the cache holds
+    by_id = {p.prompt_id: p for p in got_server}
+    assert len(by_id) == len(jobs) and all(p.cache_hit and p.missing == 0 for p in got_server)
+    tokens = 0
+    for d in got_direct:
+        s = by_id[d.prompt_id]
+        assert len(s.candidates) == len(d.candidates) == args.samples
+        for cd, cs in zip(d.candidates, s.candidates):
+            assert np.array_equal(cd.token_ids, cs.token_ids) and np.array_equal(cd.topk.ids, cs.topk_ids)
+            assert cs.topk_logprobs.dtype == cd.topk.logprobs.dtype and np.array_equal(cd.topk.logprobs, cs.topk_logprobs)
+            tokens += cd.token_ids.size
+    payload = sum(c.token_ids.nbytes + c.topk.ids.nbytes + c.topk.logprobs.nbytes for d in got_direct for c in d.candidates)
+    wire_bytes = sum(p.wire_bytes for p in got_server)
+    md, ms = med(t_direct), med(t_server)
+    print(f"(1) hit path: {len(jobs)} prompts x {args.samples} cached candidates x {args.hit_tokens} tokens, K={k} "
+          f"({tokens:,} tokens, {payload / MB:.1f} MB decoded payload, {wire_bytes / MB:.1f} MB on the wire); "
+          f"cache filled in {fill_s:.1f} s; median of {args.repeats} (min-max ms)")
+    print(f"{'path':50s} {'median ms':>10s} {'min-max ms':>12s} {'payload MB/s':>13s} {'x direct time':>14s}")
+    print(f"{'direct: cache.get(generate=False), 1 process':50s} {md * 1e3:10.1f} {spread(t_direct):>12s} "
+          f"{payload / MB / md:13.0f} {1.0:14.2f}")
+    print(f"{'server: GetCandidates over loopback gRPC':50s} {ms * 1e3:10.1f} {spread(t_server):>12s} "
+          f"{payload / MB / ms:13.0f} {ms / md:14.2f}")
+    for name, t in pieces.items():
+        print(f"{'  piece: ' + name:50s} {t * 1e3:10.1f} {'':>12s} {payload / MB / t:13.0f} {t / md:14.2f}")
+    ratio = md / ms
+    print(f"ratio server/direct throughput: {ratio:.2f} (goal >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")
+    return {"hit_ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------------- tiny model
+
+
+def build_tiny_model(path: Path, hidden: int, layers: int, max_positions: int, seed: int = 0) -> None:
+    """A random fp32 Qwen2 (vocab 151,936, tied embeddings) saved with the bundled Qwen2.5 tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from brts.shared.tokenizer import load_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer("qwen2.5-instruct")
+    heads = max(1, hidden // 16)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
+        tie_word_embeddings=True, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    Qwen2ForCausalLM(config).float().eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@dataclass
+class TinyServer:
+    runtime: Any
+    running: Any
+    folder: Path
+
+
+def start_tiny_server(folder: Path, args: argparse.Namespace) -> TinyServer:
+    from brts.server.app import RunningServer
+    from brts.server.runtime import build_runtime
+    from brts.shared.config import ServerConfig, load_config
+
+    model = folder / "model"
+    build_tiny_model(model, args.hidden, args.layers, args.max_positions)
+    config = load_config(
+        ServerConfig, None,
+        [f"sampling.max_new_tokens={args.new_tokens}", f"sampling.temperature={args.temperature}",
+         f"sampling.top_p={args.top_p}", f"max_logprob_k={args.k}"],
+        model=str(model), cache_dir=str(folder / "serve-cache"), device="cpu", dtype="float32", port=0)
+    runtime = build_runtime(config)
+    try:
+        running = RunningServer(runtime, window_s=args.window_ms / 1000).start()
+    except BaseException:
+        runtime.close()
+        raise
+    return TinyServer(runtime, running, folder)
+
+
+# ---------------------------------------------------------------------------------------------------- (2) miss path
+
+
+def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
+    from brts.server.cache import CandidateCache
+    from brts.shared.client import TeacherClient
+
+    rt, k, n = tiny.runtime, args.k, args.miss_prompts * args.samples
+    sampling, seed = rt.default_sampling, rt.config.sampling.seed
+    direct_cache = CandidateCache(tiny.folder / "direct-cache", rt.fingerprint, rt.pipeline, store_k=rt.config.max_logprob_k)
+    client = TeacherClient(tiny.running.address)
+    window = iter(range(10**6))
+    t_server: list[float] = []
+    t_direct: list[float] = []
+    same = True
+    try:
+        for r in range(args.miss_repeats + 1):  # round 0 is the warm-up
+            offset = next(window) * args.samples
+            prompts, jobs = make_prompts(args.miss_prompts, args.samples, args.prompt_len, seed=2, offset=offset)
+            sides = [("server", t_server), ("direct", t_direct)]
+            results: dict[str, Any] = {}
+            took: dict[str, float] = {}
+            for name, times in sides if r % 2 == 0 else sides[::-1]:
+                t0 = time.perf_counter()
+                if name == "server":
+                    got = list(client.get_candidates(prompts, logprob_k=k))
+                else:
+                    got = direct_cache.get(jobs, sampling, seed, k)
+                took[name] = time.perf_counter() - t0
+                if r > 0:
+                    times.append(took[name])
+                assert len(got) == len(jobs) and all(not p.cache_hit for p in got), f"{name}: expected all misses"
+                assert sum(len(p.candidates) for p in got) == n
+                results[name] = {p.prompt_id: [c.token_ids.tobytes() for c in p.candidates] for p in got}
+            same = same and results["server"] == results["direct"]
+            print(f"  miss round {r}{' (warm-up)' if r == 0 else ''}: server {took['server']:.2f} s, "
+                  f"direct {took['direct']:.2f} s", flush=True)
+    finally:
+        client.close()
+        direct_cache.close()
+    ms, md = med(t_server), med(t_direct)
+    ratio = md / ms
+    print(f"(2) miss path: tiny Qwen2 (vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, fp32, CPU, hf engine), "
+          f"{args.miss_prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, K={k}, "
+          f"T={args.temperature} top_p={args.top_p}; median of {args.miss_repeats} all-miss rounds")
+    print(f"{'path':50s} {'median s':>9s} {'min-max ms':>12s} {'candidates/s':>13s} {'tokens/s':>9s}")
+    for name, t, ts in (("direct: CandidateCache.get (fresh entries)", md, t_direct),
+                        ("server: GetCandidates (fresh entries)", ms, t_server)):
+        print(f"{name:50s} {t:9.2f} {spread(ts):>12s} {n / t:13.1f} {n * args.new_tokens / t:9.0f}")
+    print(f"ratio server/direct candidates/s: {ratio:.2f} (goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
+          f"server and direct drew identical candidates: {'yes' if same else 'NO'}")
+    return {"miss_ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------------- (3) score
+
+
+def score_work(seed: int, args: argparse.Namespace) -> tuple[list[list[int]], list[int], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    rows = args.score_len - args.score_prompt_len
+    seqs = [rng.integers(0, FIRST_SPECIAL, args.score_len).tolist() for _ in range(args.score_seqs)]
+    starts = [args.score_prompt_len] * args.score_seqs
+    cands = [zipf_ids(rng, rows, args.k) for _ in range(args.score_seqs)]
+    return seqs, starts, cands
+
+
+def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
+    from brts.shared.client import TeacherClient
+
+    k, clients_n = args.k, args.clients
+    rows = args.score_len - args.score_prompt_len
+    work = [score_work(100 + c, args) for c in range(clients_n)]
+    clients = [TeacherClient(tiny.running.address) for _ in range(clients_n)]
+    positions = args.score_seqs * rows
+
+    def check(results: list[Any]) -> None:
+        assert len(results) == args.score_seqs
+        for r in results:
+            assert r.topk_ids.shape == (rows, k) and r.candidate_logprobs.shape == (rows, k)
+
+    def alone() -> float:
+        t0 = time.perf_counter()
+        check(clients[0].score(*work[0], logprob_k=k))
+        return time.perf_counter() - t0
+
+    def loaded() -> tuple[float, list[float]]:
+        barrier = threading.Barrier(clients_n + 1)
+        each = [0.0] * clients_n
+        errors: list[BaseException] = []
+
+        def one(c: int) -> None:
+            try:
+                barrier.wait()
+                t0 = time.perf_counter()
+                check(clients[c].score(*work[c], logprob_k=k))
+                each[c] = time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(c,)) for c in range(clients_n)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        if errors:
+            raise errors[0]
+        return wall, each
+
+    scores = tiny.running.service.scores
+    try:
+        # warm-up: one short call (first-touch allocations, thread pools)
+        clients[0].score(work[0][0][:1], work[0][1][:1], work[0][2][:1], logprob_k=k)
+        t_alone, t_loaded, per_client = [], [], []
+        for r in range(args.score_repeats):
+            order = (alone, loaded) if r % 2 == 0 else (loaded, alone)
+            for fn in order:
+                if fn is alone:
+                    t_alone.append(alone())
+                else:
+                    calls0 = scores.calls
+                    wall, each = loaded()
+                    t_loaded.append(wall)
+                    per_client.extend(each)
+                    batches = scores.calls - calls0
+            print(f"  score round {r}: alone {t_alone[-1]:.2f} s, {clients_n} clients {t_loaded[-1]:.2f} s "
+                  f"({batches} scorer batch{'es' if batches != 1 else ''})", flush=True)
+    finally:
+        for c in clients:
+            c.close()
+    ta, tl = med(t_alone), med(t_loaded)
+    rate_alone, rate_loaded = positions / ta, clients_n * positions / tl
+    ratio = rate_loaded / rate_alone
+    print(f"(3) Score under load: each client scores {args.score_seqs} sequences x {args.score_len} tokens "
+          f"(response from {args.score_prompt_len}: {positions:,} positions) with K={k} top-K and {k} candidate ids "
+          f"per position; tiny Qwen2 server as in (2), batch window {args.window_ms:g} ms; median of "
+          f"{args.score_repeats}")
+    print(f"{'clients':50s} {'wall s':>9s} {'min-max ms':>12s} {'positions/s':>12s} {'per-client s':>13s}")
+    print(f"{'1 alone':50s} {ta:9.2f} {spread(t_alone):>12s} {rate_alone:12.0f} {ta:13.2f}")
+    print(f"{f'{clients_n} concurrent (threads, own TeacherClient)':50s} {tl:9.2f} {spread(t_loaded):>12s} "
+          f"{rate_loaded:12.0f} {med(per_client):13.2f}")
+    print(f"scaling ratio (aggregate positions/s with {clients_n} / alone): {ratio:.2f}; "
+          f"per-client latency under load: {med(per_client) / ta:.2f}x alone")
+    return {"score_ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("--part", choices=("hit", "miss", "score", "all"), default="all")
+    ap.add_argument("--k", type=int, default=16, help="top-K everywhere (default 16)")
+    ap.add_argument("--samples", type=int, default=4, help="candidates per prompt, (1) and (2) (default 4)")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens, (1) and (2) (default 64)")
+    ap.add_argument("--window-ms", type=float, default=10.0, help="server batch window (default 10, the config's)")
+    g = ap.add_argument_group("(1) hit path")
+    g.add_argument("--hit-prompts", type=int, default=64, help="default 64")
+    g.add_argument("--hit-tokens", type=int, default=4096, help="tokens per cached candidate (default 4096)")
+    g.add_argument("--repeats", type=int, default=5, help="timed repeats per side after one warm-up (default 5)")
+    g = ap.add_argument_group("tiny model, (2) and (3)")
+    g.add_argument("--hidden", type=int, default=64, help="default 64")
+    g.add_argument("--layers", type=int, default=2, help="default 2")
+    g.add_argument("--max-positions", type=int, default=4096, help="max_position_embeddings (default 4096)")
+    g = ap.add_argument_group("(2) miss path")
+    g.add_argument("--miss-prompts", type=int, default=16, help="default 16")
+    g.add_argument("--new-tokens", type=int, default=64, help="default 64")
+    g.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="default 1.0 (a random model's nucleus at 0.95 is most of the vocabulary: a full sort "
+                        "per row and step, the same on both sides but slow)")
+    g.add_argument("--miss-repeats", type=int, default=3, help="timed all-miss rounds per side after a warm-up (default 3)")
+    g = ap.add_argument_group("(3) Score under load")
+    g.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    g.add_argument("--score-seqs", type=int, default=8, help="sequences per client call (default 8)")
+    g.add_argument("--score-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    g.add_argument("--score-prompt-len", type=int, default=1024,
+                   help="response_start: positions scored per sequence are score-len minus this (default 1024)")
+    g.add_argument("--score-repeats", type=int, default=2, help="timed rounds, alone and loaded (default 2)")
+    args = ap.parse_args(argv)
+    if not 0 < args.score_prompt_len < args.score_len <= args.max_positions:
+        ap.error("need 0 < --score-prompt-len < --score-len <= --max-positions")
+    if args.prompt_len + args.new_tokens > args.max_positions:
+        ap.error("need --prompt-len + --new-tokens <= --max-positions")
+
+    import torch
+
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; python {sys.version.split()[0]}", flush=True)
+    out: dict[str, float] = {}
+    if args.part in ("hit", "all"):
+        out.update(bench_hit(args))
+    if args.part in ("miss", "score", "all"):
+        with tempfile.TemporaryDirectory(prefix="bench-server-tiny-") as tmp:
+            t0 = time.perf_counter()
+            tiny = start_tiny_server(Path(tmp), args)
+            print(f"\ntiny-model server up in {time.perf_counter() - t0:.1f} s at {tiny.running.address}", flush=True)
+            try:
+                if args.part in ("miss", "all"):
+                    out.update(bench_miss(tiny, args))
+                if args.part in ("score", "all"):
+                    if args.part == "all":
+                        print()
+                    out.update(bench_score(tiny, args))
+            finally:
+                tiny.running.stop(grace_s=5)
+    print("\nsummary: " + ", ".join(f"{name} {value:.2f}" for name, value in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

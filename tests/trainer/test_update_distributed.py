@@ -1,0 +1,45 @@
+"""The update is the same computation at 1 and 2 ranks (gloo, CPU): token means over the whole step and FSDP2's
+divide factor make the loss and the updated weights agree to 1e-5; a non-finite gradient skips the step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).parent / "dist_scripts" / "update_worker.py"
+
+
+def _run(tmp_path: Path, world: int, steps: int = 3, mode: str = "ok") -> dict:
+    out = tmp_path / f"w{world}-{mode}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(WORKER),
+           str(out), str(steps), mode]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+    for a, b in zip(one["stats"], two["stats"]):
+        assert a["sc_tokens"] == b["sc_tokens"] and a["tc_tokens"] == b["tc_tokens"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * max(1.0, a["grad_norm"])
+        assert not a["skipped"] and a["micro_batches"] >= 2
+    assert one["stats"][0]["loss"] != one["stats"][-1]["loss"]  # the weights really moved
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, atol=1e-5, rtol=0)
+    moved = max(float((w - two["weights"][n]).abs().max()) for n, w in one["weights"].items())
+    assert moved < 1e-5
+
+
+def test_non_finite_gradient_skips_the_step(tmp_path):
+    bad, one_step = _run(tmp_path, 1, steps=2, mode="nan"), _run(tmp_path, 1, steps=1)
+    assert bad["stats"][1]["skipped"] and not bad["stats"][0]["skipped"]
+    assert bad["stats"][1]["grad_norm"] != bad["stats"][1]["grad_norm"] or bad["stats"][1]["grad_norm"] == float("inf")
+    for name, w in one_step["weights"].items():  # step 2 was dropped whole: the weights are those after step 1
+        assert torch.equal(bad["weights"][name], w), name

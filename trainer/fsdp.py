@@ -1,0 +1,100 @@
+"""Process group, device mesh and FSDP2 wrapping of the student (torchtitan's shape, one concern per function).
+
+Why a wrapper module: the update needs the student's log-probs at GIVEN ids (its own top-K, the teacher's
+top-K), never the T×V logits, so the forward ends in ``chunked_topk_logprobs`` on the final hidden states with
+the LM head's weight. Running that inside the root FSDP module's forward is what makes FSDP2 unshard the root's
+parameters (embeddings, final norm, LM head) for it and reshard them after, like any other layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from brts.trainer.topk_logprobs import chunked_topk_logprobs
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join (or create, for one process) the default group: nccl on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    return DistInfo(rank, dist.get_world_size(), dev)
+
+
+class StudentLogProbs(nn.Module):
+    """``forward`` → the student's log-probs at ``gather_ids`` [B, R, K] for the rows ``positions`` [B, R]
+    (row r of sequence b is the hidden state at position ``positions[b, r]``, predicting the token after it)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                gather_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        head = self.model.get_output_embeddings()
+        out = chunked_topk_logprobs(rows, head.weight, k=0, gather_ids=gather_ids, chunk_size=self.chunk_size,
+                                    bias=getattr(head, "bias", None))
+        return out.gathered_logprobs
+
+
+def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_checkpointing: bool = False,
+                  chunk_size: int = 1024) -> StudentLogProbs:
+    """FSDP2 over the decoder layers and the root; fp32 master weights always, bf16 compute on GPU when asked.
+
+    The gradient divide factor is 1: the losses are already divided by the all-reduced token count of the whole
+    step, so the reduce-scatter must SUM the ranks' gradients, not average them (that would divide twice).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = model.to(device=info.device, dtype=torch.float32)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    wrapper = StudentLogProbs(model, chunk_size)
+    layers = getattr(model.model, "layers", [])
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(wrapper, mesh=mesh, mp_policy=policy)
+    for module in [*layers, wrapper]:
+        module.set_gradient_divide_factor(1.0)  # type: ignore[operator]
+        module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator] # plain SUM: gloo has no PREMUL_SUM
+    return wrapper
+
+
+def fsdp_modules(wrapper: nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in wrapper.modules() if isinstance(m, FSDPModule)]
