@@ -1,0 +1,494 @@
+"""Sharded training checkpoints (DCP) that resume exactly, and the student's export to Hugging Face format.
+
+Layout of a run directory::
+
+    RUN_DIR/checkpoints/
+        latest                   text: the name of the newest checkpoint ("step_000040"), replaced atomically
+        step_000040/
+            dcp/                 torch.distributed.checkpoint: {"model": ..., "optim": ...}, one file per rank
+            rng/rank_00000.pt    each rank's RNG states (torch CPU, cuda, python ``random``, numpy)
+            meta.json            step, world size, the config dict, the train state (sampler position, ...)
+            COMPLETE             written last: a directory without it is not a checkpoint
+        .tmp-step_000060/        a save in progress (or one that crashed): never resolved, removed by the next save
+
+Atomicity: every rank writes into ``.tmp-step_N``; after a barrier rank 0 writes ``meta.json`` and ``COMPLETE``
+(fsynced), renames the directory to ``step_N`` and then replaces ``latest``. A crash at any point leaves either the
+previous checkpoint as ``latest`` or the new one complete. All ranks must see the same file system (one node, or a
+shared one across nodes).
+
+Exact resume: model and optimizer states go through DCP (bit-exact fp32), each rank restores its own RNG states,
+and ``train_state`` carries whatever the loop needs to continue at the same place (e.g. the sampler position);
+it must be JSON-able and the same on every rank (rank 0's is stored). At a different world size DCP reshards
+the model and optimizer; the per-rank RNG states cannot be mapped and are left alone (a warning says so).
+
+Training loop usage::
+
+    stopper = SigtermCheckpointer().install()            # SIGTERM (preemption) only sets a flag
+    step, train_state = 0, {"sampler": sampler.state_dict()}
+    if args.resume:
+        step, train_state = load_checkpoint(args.resume, wrapper, optimizer, config_dict=cfg.to_dict())
+        sampler.load_state_dict(train_state["sampler"])
+    while step < cfg.max_steps:
+        updater.step(...); step += 1
+        saved = cfg.save_every and step % cfg.save_every == 0
+        if saved:
+            save_checkpoint(cfg.run_dir, step, wrapper, optimizer, {"sampler": sampler.state_dict()}, cfg.to_dict())
+        if stopper.should_stop():                        # collective: every rank calls it after every step
+            if not saved:
+                save_checkpoint(cfg.run_dir, step, wrapper, optimizer, {"sampler": ...}, cfg.to_dict())
+            break                                        # then tear down and exit 0
+
+torchrun forwards a SIGTERM it gets to its workers and SIGKILLs them after ``--shutdown-timeout`` (30 s by
+default): a save has to fit in that window, raise it for big models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+DCP_DIR = "dcp"
+RNG_DIR = "rng"
+TMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 1
+
+# Config keys that may legitimately change when a run is resumed (dotted paths of the config dict): how long to
+# run, how often to save/evaluate/log, where the run lives, and the teacher server's address (the teacher and its
+# cache are the same; only where it listens moved). Everything else (model, data, optimizer, algorithm, dtype,
+# token budget, seeds...) must match, or ``load_checkpoint`` raises.
+RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and ``os.replace`` (readers never see half)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON (tuples become lists), failing early with the offending value."""
+    return json.loads(json.dumps(obj, allow_nan=True))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
+                ignore: Iterable[str] = RESUME_MUTABLE_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, current value)}`` for every key that differs (missing on one side = ``None``
+    there), except the ``ignore`` keys (a key also ignores everything under it)."""
+    a, b = _flatten(_jsonable(dict(saved))), _flatten(_jsonable(dict(current)))
+    skip = tuple(ignore)
+    diff = {}
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(f"{s}.") for s in skip):
+            continue
+        if key not in a or key not in b or a[key] != b[key]:
+            diff[key] = (a.get(key), b.get(key))
+    return diff
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's (one device per rank)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------- save / load
+
+
+def _model_optim_state(wrapper: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` as DCP wants them (sharded: DTensors under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(wrapper)}
+    msd, osd = get_state_dict(wrapper, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, wrapper: nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: Mapping[str, Any] | None = None, config_dict: Mapping[str, Any] | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Collective (every rank calls it): write ``run_dir/checkpoints/step_{step:06d}`` and point ``latest`` at it.
+
+    ``train_state`` (JSON-able, rank 0's is kept) and ``config_dict`` land in ``meta.json``; ``keep_last`` N > 0
+    deletes all but the newest N complete checkpoints afterwards (``latest``'s is always kept). Returns the path.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / CHECKPOINTS
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), "world_size": _world(),
+            "train_state": _jsonable(dict(train_state or {})), "config": _jsonable(dict(config_dict or {})),
+            "torch_version": torch.__version__}
+    # An optimizer that never stepped has no state; get_state_dict would create it with a zero-lr step (AdamW's
+    # step count becomes 1), which changes the run. Save the model alone then; loading leaves the optimizer fresh.
+    if optimizer is not None and not optimizer.state:
+        optimizer = None
+    meta["optimizer"] = optimizer is not None
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # this save's leftovers or a crashed save's
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / RNG_DIR).mkdir(parents=True)
+    _barrier()
+    t0 = time.monotonic()
+    dcp.save(_model_optim_state(wrapper, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+    rng_path = tmp / RNG_DIR / f"rank_{rank:05d}.pt"
+    torch.save(_rng_state(), rng_path)
+    with open(rng_path, "rb") as f:
+        os.fsync(f.fileno())
+    _barrier()  # every rank's shards and RNG states are on disk
+    if rank == 0:
+        meta["save_seconds"] = round(time.monotonic() - t0, 3)
+        _write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _write_atomic(tmp / COMPLETE, f"{name}\n")
+        old = None
+        if final.exists():  # the same step saved again (e.g. after resuming from an earlier one)
+            old = root / f"{TMP_PREFIX}old-{name}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / LATEST, f"{name}\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if keep_last:
+            for path in list_checkpoints(root)[:-keep_last]:
+                if path != final:
+                    shutil.rmtree(path, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / COMPLETE).is_file() and (p / META).is_file()
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under a run directory or its ``checkpoints`` directory, oldest step first."""
+    root = Path(path)
+    if (root / CHECKPOINTS).is_dir():
+        root = root / CHECKPOINTS
+    found = []
+    for p in root.glob("step_*") if root.is_dir() else []:
+        if p.is_dir() and is_complete(p) and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, a run directory or its ``checkpoints`` directory → one complete checkpoint.
+
+    For a run directory: the checkpoint ``latest`` names, or (``latest`` missing, or naming an incomplete one) the
+    complete checkpoint with the highest step. Raises ``FileNotFoundError`` saying what was looked at.
+    """
+    p = Path(path)
+    if (p / COMPLETE).exists() or (p / META).exists() or p.name.startswith("step_"):
+        if not is_complete(p):
+            raise FileNotFoundError(f"checkpoint {p}: incomplete (no {COMPLETE} marker; the save was interrupted)")
+        return p
+    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+    latest = root / LATEST
+    if latest.is_file():
+        target = root / latest.read_text(encoding="utf-8").strip()
+        if is_complete(target):
+            return target
+        warnings.warn(f"{latest} names {target.name}, which is not a complete checkpoint; using the newest one",
+                      stacklevel=2)
+    found = list_checkpoints(root)
+    if not found:
+        raise FileNotFoundError(f"{p}: no complete checkpoint (looked for {root}/{LATEST} and {root}/step_*)")
+    return found[-1]
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of the checkpoint ``path`` resolves to, plus ``"path"``."""
+    ckpt = resolve_checkpoint(path)
+    meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
+    meta["path"] = str(ckpt)
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, wrapper: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    config_dict: Mapping[str, Any] | None = None,
+                    ignore_keys: Iterable[str] = RESUME_MUTABLE_KEYS) -> tuple[int, dict[str, Any]]:
+    """Collective: restore model, optimizer and (same world size only) RNG states; returns ``(step, train_state)``.
+
+    ``path`` is a checkpoint, a run directory or its ``checkpoints`` directory (``latest`` is followed). With
+    ``config_dict``, a saved config that differs outside ``ignore_keys`` (``RESUME_MUTABLE_KEYS``) raises
+    ``ValueError`` listing every differing key, before anything is loaded. A different world size works (DCP
+    reshards) with a warning that the RNG states were not restored. ``optimizer=None`` loads the model only.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    meta = read_meta(path)
+    ckpt = Path(meta["path"])
+    if config_dict is not None:
+        diff = config_diff(meta.get("config", {}), config_dict, ignore_keys)
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in
+                              ((k, *v) for k, v in diff.items()))
+            raise ValueError(f"checkpoint {ckpt} was saved with a different config ({len(diff)} key"
+                             f"{'s' if len(diff) != 1 else ''}: {', '.join(diff)}): {lines}. Resume with the saved "
+                             f"config (only {', '.join(ignore_keys)} may change) or start a new run.")
+    if not meta.get("optimizer", True):
+        optimizer = None  # saved before the first step: nothing to restore, the optimizer stays fresh
+    state = _model_optim_state(wrapper, optimizer)
+    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    if optimizer is None:
+        set_model_state_dict(wrapper, state["model"])
+    else:
+        set_state_dict(wrapper, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved_world, world = int(meta["world_size"]), _world()
+    if saved_world == world:
+        rng = torch.load(ckpt / RNG_DIR / f"rank_{_rank():05d}.pt", weights_only=True)
+        _set_rng_state(rng)
+    elif _rank() == 0:
+        warnings.warn(f"checkpoint {ckpt} was saved at world size {saved_world}, resuming at {world}: model and "
+                      "optimizer resharded by DCP; the per-rank RNG states were NOT restored (random draws after "
+                      "resume differ from an uninterrupted run)", stacklevel=2)
+    _barrier()
+    return int(meta["step"]), dict(meta.get("train_state", {}))
+
+
+# --------------------------------------------------------------------------------------------------- SIGTERM
+
+
+class SigtermCheckpointer:
+    """Turns SIGTERM (and any other ``signals``) into a flag the training loop polls after each step.
+
+    ``install()`` sets the handler (main thread only) and returns ``self``; ``should_stop()`` is a collective
+    under a process group (a MAX all-reduce of the flag, so ranks that got the signal a moment apart still stop
+    after the same step): call it on every rank after every step, then save and exit cleanly. ``uninstall()``
+    puts the previous handlers back. A second signal does not kill the process: the save already under way is
+    left to finish (the launcher's own timeout, torchrun's ``--shutdown-timeout``, is the hard limit).
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM,)) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def install(self) -> "SigtermCheckpointer":
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        """This process got a signal (local, no communication)."""
+        return self.received is not None
+
+    def should_stop(self, device: torch.device | str | None = None) -> bool:
+        """Whether any rank got a signal. ``device``: where the flag is reduced (the backend's device: cuda for
+        nccl); by default cuda when the default group is nccl, else cpu."""
+        flag = self.received is not None
+        if not _dist():
+            return flag
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def __enter__(self) -> "SigtermCheckpointer":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_WRAPPER_PREFIXES = ("model.", "")  # StudentLogProbs keeps the HF model at .model; a bare HF model has none
+
+
+def _resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(saved, torch.dtype):
+            return saved
+        return getattr(torch, saved) if isinstance(saved, str) and hasattr(torch, saved) else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_full_model_state(checkpoint_path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The student's unsharded weights from a checkpoint, in one process (no process group needed), keyed like
+    the HF model's own ``state_dict`` (the DCP ``model.`` section and the wrapper's prefix stripped).
+
+    ``keys``: the HF model's keys to load (only these are read); default: every model key in the checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt = resolve_checkpoint(checkpoint_path)
+    reader = FileSystemReader(str(ckpt / DCP_DIR))
+    md = reader.read_metadata().state_dict_metadata
+    stored = {k[len("model."):]: v for k, v in md.items() if k.startswith("model.")}
+    if keys is None:
+        wanted = list(stored)
+        prefix = "model." if wanted and all(k.startswith("model.") for k in wanted) else ""
+        wanted = [k[len(prefix):] for k in wanted]
+    else:
+        wanted = list(keys)
+        prefix = max(_WRAPPER_PREFIXES, key=lambda p: sum(f"{p}{k}" in stored for k in wanted))
+        wanted = [k for k in wanted if f"{prefix}{k}" in stored]
+    state: dict[str, Any] = {}
+    for k in wanted:
+        tmd = stored[f"{prefix}{k}"]
+        if not isinstance(tmd, TensorStorageMetadata):
+            continue
+        state[f"{prefix}{k}"] = torch.empty(tmd.size, dtype=tmd.properties.dtype)
+    dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def export_hf(checkpoint_path: str | os.PathLike, base_model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              dtype: str | torch.dtype = "auto") -> Path:
+    """Write the checkpoint's student as a Hugging Face model directory (``from_pretrained(out_dir)`` loads it).
+
+    One process, no torchrun: the architecture comes from ``base_model_dir``'s config (the model the run started
+    from), the weights from the checkpoint (DCP reshards the saved shards into full tensors; the optimizer state
+    is not read). ``dtype``: "auto" = the base config's dtype (bf16 for Qwen2.5 releases; the fp32 master weights
+    are rounded), or e.g. "float32" to keep them exact. Tokenizer files and ``generation_config.json`` are copied
+    from ``base_model_dir`` when present. Tied input/output embeddings need only one of the two in the checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = resolve_checkpoint(checkpoint_path)
+    base, out = Path(base_model_dir), Path(out_dir)
+    config = AutoConfig.from_pretrained(base)
+    target = _resolve_dtype(dtype, config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    own = model.state_dict()
+    weights = load_full_model_state(ckpt, own.keys())
+    missing = [k for k in own if k not in weights]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out_emb = model.get_output_embeddings()
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is out_emb} if tied and out_emb is not None else set()
+    if [k for k in missing if k not in head_keys]:
+        raise KeyError(f"checkpoint {ckpt} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}): "
+                       f"is {base} the model this run started from?")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} != {base}'s {tuple(own[k].shape)}")
+    model.load_state_dict(weights, strict=False)
+    if tied:
+        model.tie_weights()
+    model.to(target)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+    meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
+    (out / "brts_export.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "step": meta["step"], "base_model": str(base), "dtype": str(target).split(".")[-1]},
+        indent=2) + "\n", encoding="utf-8")
+    return out
