@@ -30,13 +30,16 @@ def test_field_numbers_match_the_contract():
         "prompt_id": 1, "prompt_ids": 2, "ground_truth": 3, "n_tier1": 4, "n_tier2": 5, "pool_offset": 6,
         "perturbation": 7, "perturb_slot": 8,
     }
-    assert _numbers(teacher_pb2.CandidatesRequest) == {"prompts": 1, "sampling": 2, "logprob_k": 3, "expected_teacher": 4}
+    # fields are only ever added: cache_only (5) and PromptCandidates.missing (7) came with the server (issue #5)
+    assert _numbers(teacher_pb2.CandidatesRequest) == {
+        "prompts": 1, "sampling": 2, "logprob_k": 3, "expected_teacher": 4, "cache_only": 5,
+    }
     assert _numbers(teacher_pb2.Candidate) == {
         "tier": 1, "index": 2, "token_ids": 3, "answer": 4, "correct": 5, "leaked": 6, "finish_reason": 7,
         "topk_ids": 8, "topk_logprobs": 9, "cached": 10,
     }
     assert _numbers(teacher_pb2.PromptCandidates) == {
-        "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6,
+        "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6, "missing": 7,
     }
     assert _numbers(teacher_pb2.ScoreItem) == {"token_ids": 1, "response_start": 2, "candidate_ids": 3}
     assert _numbers(teacher_pb2.ScoreRequest) == {"items": 1, "logprob_k": 2}
