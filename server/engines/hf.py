@@ -5,6 +5,10 @@ whatever else is in the batch (base.py), and ``generate`` draws from one global 
 so a sample would change when its neighbours change. Here every row owns a ``torch.Generator`` seeded with its
 seed and draws exactly one uniform per step, which it turns into a token by inverse-CDF over its own filtered
 distribution; so the tokens depend only on the row's logits and seed (up to float rounding of batched matmuls).
+That rounding is what limits it: on CPU in fp32 samples are identical alone and in any batch (tested); on an H100
+in bf16 the logits of a row change in the last bf16 place with the batch's shape (padding, row count), so only
+32-90% of samples survive a re-batching there (bench/results/gpu_engine_after_fix.json); fp32 with top_k
+was 100%. The cache makes this moot for serving: a pool entry is drawn once and then read, never redrawn.
 
 All requests × seeds go through one decode loop (or a few, bounded by ``max_batch_size`` and
 ``max_batch_tokens``), left-padded with explicit position ids and a KV cache; rows that finish are dropped from
