@@ -35,14 +35,9 @@ main.add_command(serve)
 main.add_command(prewarm)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML training config.")
-@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks to launch on this node.")
-@click.option("--resume", type=click.Path(file_okay=False), help="Checkpoint directory to continue from.")
-@click.argument("overrides", nargs=-1)
-def train(**_: object) -> None:
-    """Train a student with BRTS (or the OPD baseline) against a teacher server. KEY=VALUE override settings."""
-    _not_yet("train", 7, "distributed training")
+from brts.cli_train import train  # noqa: E402 - a command of its own module, registered here
+
+main.add_command(train)
 
 
 @main.command(name="eval")

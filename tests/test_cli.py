@@ -29,7 +29,7 @@ def test_every_help_works(argv):
 
 @pytest.mark.parametrize(
     "argv, issue",
-    [(["train"], 7), (["eval"], 9), (["report", "r"], 9), (["demo"], 10)],
+    [(["eval"], 9), (["report", "r"], 9), (["demo"], 10)],
 )
 def test_unlanded_commands_say_so_in_one_line(argv, issue):
     result = CliRunner().invoke(main, argv)
@@ -41,3 +41,17 @@ def test_unlanded_commands_say_so_in_one_line(argv, issue):
 def test_console_script_is_installed():
     exe = subprocess.run([sys.executable, "-m", "brts.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert exe.returncode == 0 and "serve" in exe.stdout
+
+
+def test_train_checks_the_config_then_says_the_loop_is_not_here_yet(tmp_path):
+    bad = CliRunner().invoke(main, ["train", "--config", "tiny_cpu", "lr=-1"])
+    assert bad.exit_code == 1
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "train.lr" in lines[0]
+    student = tmp_path / "student"
+    student.mkdir()
+    ok = CliRunner().invoke(main, ["train", "--config", "tiny_cpu", f"student={student}", f"run_dir={tmp_path / 'run'}"])
+    assert ok.exit_code == NOT_YET_EXIT, ok.output
+    assert "issue #8" in ok.output
+    usage = CliRunner().invoke(main, ["train", "export", "only-one-arg"])
+    assert usage.exit_code == 2 and "brts train export CKPT OUT --base-model" in usage.output
