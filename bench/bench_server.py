@@ -16,17 +16,22 @@ the timed repeats of the two sides interleaved, reported as medians:
     + log-probs float16 = 100 B/token at K=16); the ratio is the server's throughput over the direct read's,
     goal >= 0.5. Rows below it split the server-side cost (message build, serialize, parse + decode).
 (2) miss path: candidates/s through the server against the same engine called directly, on a tiny random
-    Qwen2 (vocab 151,936, hidden 64, 2 layers, fp32, CPU) with the hf engine: 16 prompts × 4 samples × 64 new
-    tokens, scored at K=16. The server is ``build_runtime`` + ``RunningServer`` on a fresh cache; the direct
-    side is ``CandidateCache.get`` on a second fresh cache folder over the runtime's own pipeline (the same
-    engine object). Repeat r asks both sides for pool window [4r, 4r + 4), so every repeat is all misses and
-    both sides draw the very same seeds; the candidates they return are compared. Goal: ratio >= 0.9.
+    Qwen2 (vocab 151,936, hidden 64, 2 layers, fp32) with the hf engine, scored at K=16. The server is
+    ``build_runtime`` + ``RunningServer`` on a fresh cache; the direct side is ``CandidateCache.get`` on a
+    second fresh cache folder over the runtime's own pipeline (the same engine object). Round r asks both sides
+    for pool window [4r, 4r + 4), so every round is all misses and both sides draw the very same seeds; the
+    candidates they return are compared. Goal: ratio >= 0.9.
 (3) Score under load: 4 clients (threads, each its own ``TeacherClient``) each scoring 8 sequences of 2,048
-    tokens with K=16 candidate ids per response position, against one client alone scoring 8: aggregate
+    tokens with K=16 candidate ids per response position, against one client alone scoring its 8: aggregate
     response positions/s and the scaling ratio (aggregate with 4 / alone), on the same tiny-model server.
 
-    .venv/bin/python bench/bench_server.py                         # all three parts (~4 min on 2 CPU cores)
-    .venv/bin/python bench/bench_server.py --part hit --repeats 7   # one part; see --help for the sizes
+Default sizes fit ~4 minutes on 2 CPU cores, where the 151,936-wide LM head and sampler cost ~20 ms per
+generated token per row and ~4 ms per scored position: (2) runs 4 prompts × 4 samples × 32 new tokens and (3)
+scores the last 128 positions of each 2,048-token sequence; the last line below runs issue #5's sizes on a GPU:
+
+    .venv/bin/python bench/bench_server.py                           # all three parts, CPU defaults
+    .venv/bin/python bench/bench_server.py --part hit --repeats 7     # one part
+    .venv/bin/python bench/bench_server.py --device cuda --miss-prompts 16 --new-tokens 64 --score-prompt-len 256
 
 Everything runs in one process: the server's worker threads and the clients share the interpreter (and its
 GIL) and the machine's cores, as they would not across machines, so the ratios are a conservative bound.
@@ -354,7 +359,7 @@ def start_tiny_server(folder: Path, args: argparse.Namespace) -> TinyServer:
         ServerConfig, None,
         [f"sampling.max_new_tokens={args.new_tokens}", f"sampling.temperature={args.temperature}",
          f"sampling.top_p={args.top_p}", f"max_logprob_k={args.k}"],
-        model=str(model), cache_dir=str(folder / "serve-cache"), device="cpu", dtype="float32", port=0)
+        model=str(model), cache_dir=str(folder / "serve-cache"), device=args.device, dtype="float32", port=0)
     runtime = build_runtime(config)
     try:
         running = RunningServer(runtime, window_s=args.window_ms / 1000).start()
@@ -375,38 +380,43 @@ def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
     sampling, seed = rt.default_sampling, rt.config.sampling.seed
     direct_cache = CandidateCache(tiny.folder / "direct-cache", rt.fingerprint, rt.pipeline, store_k=rt.config.max_logprob_k)
     client = TeacherClient(tiny.running.address)
-    window = iter(range(10**6))
     t_server: list[float] = []
     t_direct: list[float] = []
     same = True
+
+    def both(prompts: list[Any], jobs: list[Any], server_first: bool) -> tuple[dict[str, float], bool]:
+        results: dict[str, Any] = {}
+        took: dict[str, float] = {}
+        for name in ("server", "direct") if server_first else ("direct", "server"):
+            t0 = time.perf_counter()
+            if name == "server":
+                got = list(client.get_candidates(prompts, logprob_k=k))
+            else:
+                got = direct_cache.get(jobs, sampling, seed, k)
+            took[name] = time.perf_counter() - t0
+            assert len(got) == len(jobs) and all(not p.cache_hit for p in got), f"{name}: expected all misses"
+            assert sum(len(p.candidates) for p in got) == sum(j.n_tier1 for j in jobs)
+            results[name] = {p.prompt_id: [c.token_ids.tobytes() for c in p.candidates] for p in got}
+        return took, results["server"] == results["direct"]
+
     try:
-        for r in range(args.miss_repeats + 1):  # round 0 is the warm-up
-            offset = next(window) * args.samples
-            prompts, jobs = make_prompts(args.miss_prompts, args.samples, args.prompt_len, seed=2, offset=offset)
-            sides = [("server", t_server), ("direct", t_direct)]
-            results: dict[str, Any] = {}
-            took: dict[str, float] = {}
-            for name, times in sides if r % 2 == 0 else sides[::-1]:
-                t0 = time.perf_counter()
-                if name == "server":
-                    got = list(client.get_candidates(prompts, logprob_k=k))
-                else:
-                    got = direct_cache.get(jobs, sampling, seed, k)
-                took[name] = time.perf_counter() - t0
-                if r > 0:
-                    times.append(took[name])
-                assert len(got) == len(jobs) and all(not p.cache_hit for p in got), f"{name}: expected all misses"
-                assert sum(len(p.candidates) for p in got) == n
-                results[name] = {p.prompt_id: [c.token_ids.tobytes() for c in p.candidates] for p in got}
-            same = same and results["server"] == results["direct"]
-            print(f"  miss round {r}{' (warm-up)' if r == 0 else ''}: server {took['server']:.2f} s, "
-                  f"direct {took['direct']:.2f} s", flush=True)
+        # warm-up (untimed, small): first calls through the model, the scorer, the verifier and the wire
+        both(*make_prompts(1, 1, args.prompt_len, seed=3), server_first=True)
+        for r in range(args.miss_repeats):
+            # round r asks for pool window [r * samples, (r + 1) * samples): new entries, the same on both sides
+            prompts, jobs = make_prompts(args.miss_prompts, args.samples, args.prompt_len, seed=2,
+                                         offset=r * args.samples)
+            took, equal = both(prompts, jobs, server_first=r % 2 == 0)
+            t_server.append(took["server"])
+            t_direct.append(took["direct"])
+            same = same and equal
+            print(f"  miss round {r}: server {took['server']:.2f} s, direct {took['direct']:.2f} s", flush=True)
     finally:
         client.close()
         direct_cache.close()
     ms, md = med(t_server), med(t_direct)
     ratio = md / ms
-    print(f"(2) miss path: tiny Qwen2 (vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, fp32, CPU, hf engine), "
+    print(f"(2) miss path: tiny Qwen2 (vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, fp32, {args.device}, hf engine), "
           f"{args.miss_prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, K={k}, "
           f"T={args.temperature} top_p={args.top_p}; median of {args.miss_repeats} all-miss rounds")
     print(f"{'path':50s} {'median s':>9s} {'min-max ms':>12s} {'candidates/s':>13s} {'tokens/s':>9s}")
@@ -532,20 +542,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--hidden", type=int, default=64, help="default 64")
     g.add_argument("--layers", type=int, default=2, help="default 2")
     g.add_argument("--max-positions", type=int, default=4096, help="max_position_embeddings (default 4096)")
+    g.add_argument("--device", default="cpu", help="torch device of the tiny model: cpu (default) or cuda")
     g = ap.add_argument_group("(2) miss path")
-    g.add_argument("--miss-prompts", type=int, default=16, help="default 16")
-    g.add_argument("--new-tokens", type=int, default=64, help="default 64")
+    g.add_argument("--miss-prompts", type=int, default=4, help="default 4 (issue #5: 16)")
+    g.add_argument("--new-tokens", type=int, default=32, help="default 32 (issue #5: 64)")
     g.add_argument("--temperature", type=float, default=1.0, help="default 1.0")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="default 1.0 (a random model's nucleus at 0.95 is most of the vocabulary: a full sort "
                         "per row and step, the same on both sides but slow)")
-    g.add_argument("--miss-repeats", type=int, default=3, help="timed all-miss rounds per side after a warm-up (default 3)")
+    g.add_argument("--miss-repeats", type=int, default=3,
+                   help="timed all-miss rounds per side, after a small warm-up (default 3)")
     g = ap.add_argument_group("(3) Score under load")
     g.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     g.add_argument("--score-seqs", type=int, default=8, help="sequences per client call (default 8)")
     g.add_argument("--score-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    g.add_argument("--score-prompt-len", type=int, default=1024,
-                   help="response_start: positions scored per sequence are score-len minus this (default 1024)")
+    g.add_argument("--score-prompt-len", type=int, default=1920,
+                   help="response_start: positions scored per sequence are score-len minus this (default 1920, "
+                        "i.e. 128 positions: the full-vocabulary LM head costs ~4 ms per position on 2 CPU cores)")
     g.add_argument("--score-repeats", type=int, default=2, help="timed rounds, alone and loaded (default 2)")
     args = ap.parse_args(argv)
     if not 0 < args.score_prompt_len < args.score_len <= args.max_positions:

@@ -44,6 +44,7 @@ default): a save has to fit in that window, raise it for big models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -52,7 +53,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -93,6 +94,14 @@ def _world() -> int:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save/load in a single process": without a group, it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -194,7 +203,7 @@ def _model_optim_state(wrapper: nn.Module, optimizer: torch.optim.Optimizer | No
     return {"model": msd, "optim": osd}
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, wrapper: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: str | os.PathLike, step: int, wrapper: nn.Module, optimizer: torch.optim.Optimizer | None,
                     train_state: Mapping[str, Any] | None = None, config_dict: Mapping[str, Any] | None = None,
                     keep_last: int | None = None) -> Path:
     """Collective (every rank calls it): write ``run_dir/checkpoints/step_{step:06d}`` and point ``latest`` at it.
@@ -223,7 +232,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, wrapper: nn.Module, o
         (tmp / RNG_DIR).mkdir(parents=True)
     _barrier()
     t0 = time.monotonic()
-    dcp.save(_model_optim_state(wrapper, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+    with _single_process_ok():
+        dcp.save(_model_optim_state(wrapper, optimizer), checkpoint_id=str(tmp / DCP_DIR), no_dist=not _dist())
     rng_path = tmp / RNG_DIR / f"rank_{rank:05d}.pt"
     torch.save(_rng_state(), rng_path)
     with open(rng_path, "rb") as f:
@@ -313,20 +323,23 @@ def load_checkpoint(path: str | os.PathLike, wrapper: nn.Module, optimizer: torc
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    ignore_keys = tuple(ignore_keys)
     meta = read_meta(path)
     ckpt = Path(meta["path"])
-    if config_dict is not None:
-        diff = config_diff(meta.get("config", {}), config_dict, ignore_keys)
+    if config_dict is not None and not meta.get("config"):
+        warnings.warn(f"checkpoint {ckpt} has no saved config: nothing to compare the current one with", stacklevel=2)
+    elif config_dict is not None:
+        diff = config_diff(meta["config"], config_dict, ignore_keys)
         if diff:
-            lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in
-                              ((k, *v) for k, v in diff.items()))
+            lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"checkpoint {ckpt} was saved with a different config ({len(diff)} key"
                              f"{'s' if len(diff) != 1 else ''}: {', '.join(diff)}): {lines}. Resume with the saved "
                              f"config (only {', '.join(ignore_keys)} may change) or start a new run.")
     if not meta.get("optimizer", True):
         optimizer = None  # saved before the first step: nothing to restore, the optimizer stays fresh
     state = _model_optim_state(wrapper, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not _dist())
     if optimizer is None:
         set_model_state_dict(wrapper, state["model"])
     else:
@@ -417,36 +430,53 @@ def _resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_full_model_state(checkpoint_path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The student's unsharded weights from a checkpoint, in one process (no process group needed), keyed like
-    the HF model's own ``state_dict`` (the DCP ``model.`` section and the wrapper's prefix stripped).
-
-    ``keys``: the HF model's keys to load (only these are read); default: every model key in the checkpoint.
-    """
-    import torch.distributed.checkpoint as dcp
+def _model_keys(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The DCP reader and ``{key inside the model section: storage metadata}`` (tensors only)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    ckpt = resolve_checkpoint(checkpoint_path)
     reader = FileSystemReader(str(ckpt / DCP_DIR))
     md = reader.read_metadata().state_dict_metadata
-    stored = {k[len("model."):]: v for k, v in md.items() if k.startswith("model.")}
-    if keys is None:
-        wanted = list(stored)
-        prefix = "model." if wanted and all(k.startswith("model.") for k in wanted) else ""
-        wanted = [k[len(prefix):] for k in wanted]
-    else:
-        wanted = list(keys)
-        prefix = max(_WRAPPER_PREFIXES, key=lambda p: sum(f"{p}{k}" in stored for k in wanted))
-        wanted = [k for k in wanted if f"{prefix}{k}" in stored]
-    state: dict[str, Any] = {}
-    for k in wanted:
-        tmd = stored[f"{prefix}{k}"]
-        if not isinstance(tmd, TensorStorageMetadata):
+    return reader, {k[len("model."):]: v for k, v in md.items()
+                    if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+
+
+def _load_into(ckpt: Path, targets: Mapping[str, torch.Tensor]) -> set[str]:
+    """Load the checkpoint's model weights in place into ``targets`` (HF keys → full tensors), one process.
+
+    The wrapper's prefix (``model.`` for ``StudentLogProbs``, none for a bare HF model) is the one that matches
+    most keys. Returns the keys loaded; raises ``ValueError`` on a shape mismatch."""
+    import torch.distributed.checkpoint as dcp
+
+    reader, stored = _model_keys(ckpt)
+    prefix = max(_WRAPPER_PREFIXES, key=lambda p: sum(f"{p}{k}" in stored for k in targets))
+    state, seen = {}, {}
+    for k, t in targets.items():
+        md = stored.get(f"{prefix}{k}")
+        if md is None:
             continue
-        state[f"{prefix}{k}"] = torch.empty(tmd.size, dtype=tmd.properties.dtype)
-    dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    return {k[len(prefix):]: v for k, v in state.items()}
+        if tuple(md.size) != tuple(t.shape):
+            raise ValueError(f"{k}: shape {tuple(md.size)} in checkpoint {ckpt}, {tuple(t.shape)} in the model")
+        where = (t.data_ptr(), tuple(t.shape))
+        if where in seen:  # tied weights: one tensor under two names, load it once
+            continue
+        seen[where] = k
+        state[f"{prefix}{k}"] = t
+    with _single_process_ok():
+        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    return {k for k in targets if f"{prefix}{k}" in stored}
+
+
+def load_full_model_state(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The student's unsharded weights from a checkpoint (run dir, ``latest`` followed, or a checkpoint), in one
+    process with no process group, keyed like the HF model's own ``state_dict`` (``model.model.layers.0...`` →
+    ``model.layers.0...``). Reads the model section only; memory: one full copy of the weights."""
+    ckpt = resolve_checkpoint(checkpoint_path)
+    _, stored = _model_keys(ckpt)
+    prefix = "model." if stored and all(k.startswith("model.") for k in stored) else ""
+    targets = {k[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype) for k, md in stored.items()}
+    _load_into(ckpt, targets)
+    return targets
 
 
 def export_hf(checkpoint_path: str | os.PathLike, base_model_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -465,22 +495,16 @@ def export_hf(checkpoint_path: str | os.PathLike, base_model_dir: str | os.PathL
     base, out = Path(base_model_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(base)
     target = _resolve_dtype(dtype, config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    own = model.state_dict()
-    weights = load_full_model_state(ckpt, own.keys())
-    missing = [k for k in own if k not in weights]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # the checkpoint holds fp32 masters
+    own = model.state_dict()  # the parameters themselves: DCP loads into them in place
+    loaded = _load_into(ckpt, own)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out_emb = model.get_output_embeddings()
-    head_keys = {f"{n}.weight" for n, m in model.named_modules() if m is out_emb} if tied and out_emb is not None else set()
-    if [k for k in missing if k not in head_keys]:
+    head_keys = {f"{n}.weight" for n, m in model.named_modules() if tied and out_emb is not None and m is out_emb}
+    missing = [k for k in own if k not in loaded and k not in head_keys]
+    if missing:
         raise KeyError(f"checkpoint {ckpt} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}): "
                        f"is {base} the model this run started from?")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} != {base}'s {tuple(own[k].shape)}")
-    model.load_state_dict(weights, strict=False)
-    if tied:
-        model.tie_weights()
     model.to(target)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -53,11 +53,11 @@ def _update_worker():
     return mod
 
 
-def _tiny_model():
+def _tiny_model(tied: bool = False):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
 
 
 def _assert_equal_weights(a: dict, b: dict) -> None:
@@ -76,7 +76,14 @@ def runs(tmp_path_factory) -> dict:
                                  "--sleep", 0.15, "--progress", progress, "--bad-config-resume"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.monotonic() + 180
-    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 5):
+
+    def reached() -> int:
+        try:
+            return int(progress.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    while reached() < 5:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"second run did not reach step 5: {proc.communicate()[0][-4000:]}")
@@ -142,8 +149,8 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes(runs):
 
 def test_resume_at_world_size_one(runs):
     d = runs["dir"]
-    third = _run(1, d / "third.pt", "--run-dir", d / "run1", "--resume", runs["run_dir"] / "checkpoints" / "step_000002",
-                 "--steps", 4)["run"]
+    ckpt = runs["run_dir"] / "checkpoints" / "step_000002"
+    third = _run(1, d / "third.pt", "--run-dir", d / "run1", "--resume", ckpt, "--steps", 4)["run"]
     baseline, saved = runs["first"]["baseline"], runs["first"]["run"]
     assert third["resumed_step"] == 2 and third["resumed_train_state"] == {"sampler": {"position": 2}}
     _assert_equal_weights(third["loaded_weights"], saved["weights"])
@@ -163,7 +170,7 @@ def test_different_config_names_the_keys(runs, tmp_path):
     now["sampling"]["seed"] = 3
     now["betas"] = (0.9, 0.99)
     assert ck.config_diff(saved, now) == {"betas": ([0.9, 0.999], [0.9, 0.99]), "sampling.seed": (0, 3)}
-    assert list(ck.config_diff(saved, now, ignore=("sampling",))) == ["betas"]
+    assert list(ck.config_diff(saved, now, ignore=(*ck.RESUME_MUTABLE_KEYS, "sampling"))) == ["betas"]
 
 
 def test_export_hf_round_trip(runs, tmp_path):
@@ -183,6 +190,28 @@ def test_export_hf_round_trip(runs, tmp_path):
     _assert_equal_weights({f"model.{k}": v for k, v in model.state_dict().items()}, saved)
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 128}
     assert json.loads((out / "brts_export.json").read_text())["step"] == 2
+
+
+def test_export_hf_tied_embeddings_in_base_dtype(tmp_path):
+    """Qwen2.5's small models tie the LM head to the embeddings and ship in bf16: "auto" exports bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from brts.trainer.fsdp import StudentLogProbs
+
+    torch.manual_seed(3)
+    student = _tiny_model(tied=True)
+    wrapper = StudentLogProbs(student, chunk_size=16)
+    path = ck.save_checkpoint(tmp_path / "run", 5, wrapper, None, {}, {})
+    base = tmp_path / "base"
+    _tiny_model(tied=True).to(torch.bfloat16).save_pretrained(base)
+    ck.export_hf(tmp_path / "run", base, tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype="auto")
+    assert model.dtype == torch.bfloat16 and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    want = student.state_dict()
+    for name, w in model.state_dict().items():
+        assert torch.equal(w, want[name].to(torch.bfloat16)), name
+    assert ck.is_complete(path)
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -29,7 +29,9 @@ from brts.trainer.update import UpdateConfig, Updater, make_optimizer
 
 
 def full_weights(wrapper):
-    return get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Copies: at one rank the full state dict's tensors can alias the live parameters (nothing to gather)."""
+    sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in sd.items()}
 
 
 def run(args, info: DistInfo, stopper: SigtermCheckpointer, steps: int, resume: str | None, save_at: set[int],
