@@ -69,11 +69,13 @@ RNG_DIR = "rng"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 
-# Config keys that may legitimately change when a run is resumed (dotted paths of the config dict): how long to
-# run, how often to save/evaluate/log, where the run lives, and the teacher server's address (the teacher and its
-# cache are the same; only where it listens moved). Everything else (model, data, optimizer, algorithm, dtype,
-# token budget, seeds...) must match, or ``load_checkpoint`` raises.
-RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server")
+# Config keys that may legitimately change when a run is resumed (dotted paths of the config dict; a key covers
+# its whole section): how long to run, how often to save/evaluate/log, where the run lives, the teacher server's
+# address (the teacher and its cache are the same; only where it listens moved) and a ``launch`` section if the
+# caller includes one (ranks, device: DCP reshards to a new world size). Everything else (model, data, optimizer,
+# algorithm, dtype, token budget, seeds...) must match, or ``load_checkpoint`` raises.
+RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server",
+                                        "launch")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -503,7 +505,7 @@ def export_hf(checkpoint_path: str | os.PathLike, base_model_dir: str | os.PathL
     head_keys = {f"{n}.weight" for n, m in model.named_modules() if tied and out_emb is not None and m is out_emb}
     missing = [k for k in own if k not in loaded and k not in head_keys]
     if missing:
-        raise KeyError(f"checkpoint {ckpt} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}): "
+        raise ValueError(f"checkpoint {ckpt} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}): "
                        f"is {base} the model this run started from?")
     model.to(target)
     out.mkdir(parents=True, exist_ok=True)
