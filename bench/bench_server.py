@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -118,12 +119,41 @@ def timed_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tupl
     return ta, tb, ra, rb
 
 
+_DIRECT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-direct")
+
+
+def off_main(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run on one persistent worker thread, as the server runs its work (gRPC handlers, the coalescer):
+    on CPU, torch's intra-op threads behave differently from the main thread (hf generation from the main thread
+    measured 4-5x slower than from a worker on a loaded 2-core machine), which is not the server's overhead."""
+    return lambda: _DIRECT.submit(fn).result()
+
+
+def time_batcher(coalescer: Any) -> list[float]:
+    """Wrap a server batcher's run function (bench instrumentation, nothing else changes): the list gets the
+    seconds of every group it runs, i.e. the time the server spends inside the cache or the scorer."""
+    spans: list[float] = []
+    run = coalescer._run
+
+    def timed(key: Any, items: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return run(key, items)
+        finally:
+            spans.append(time.perf_counter() - t0)
+
+    coalescer._run = timed
+    return spans
+
+
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def spread(xs: Sequence[float]) -> str:
-    return f"{min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}" if len(xs) > 1 else f"{xs[0] * 1e3:.0f}"
+def spread(xs: Sequence[float], ms: bool = True) -> str:
+    """'min-max' of ``xs`` seconds, in ms (or in s with two decimals)."""
+    lo, hi = (f"{min(xs) * 1e3:.0f}", f"{max(xs) * 1e3:.0f}") if ms else (f"{min(xs):.2f}", f"{max(xs):.2f}")
+    return f"{lo}-{hi}"
 
 
 # ---------------------------------------------------------------------------------------------------- (1) hit path
@@ -259,13 +289,14 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
             def served() -> list[Any]:
                 return list(client.get_candidates(prompts, logprob_k=k))
 
-            t_direct, t_server, got_direct, got_server = timed_pair(direct, served, args.repeats)
-            # where the server's time goes: each piece alone, in this thread (no wire, no threads)
+            t_direct, t_server, got_direct, got_server = timed_pair(off_main(direct), served, args.repeats)
+            # where the server's time goes: each step alone, on one thread, no wire
+            snapshot = direct()
             msgs: list[Any] = []
             wire: list[bytes] = []
 
             def build() -> None:
-                msgs[:] = [prompt_message(s) for s in direct()]
+                msgs[:] = [prompt_message(s) for s in snapshot]
 
             def serialize() -> None:
                 wire[:] = [m.SerializeToString() for m in msgs]
@@ -274,13 +305,15 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
                 return [_candidates(teacher_pb2.PromptCandidates.FromString(b)) for b in wire]
 
             pieces = {}
-            for name, fn in (("cache.get + prompt_message (server build)", build), ("SerializeToString", serialize),
-                             ("FromString + client decode", parse)):
-                fn()
+            for name, fn in (("prompt_message x prompts (server build)", build),
+                             ("SerializeToString (gRPC's, server side)", serialize),
+                             ("FromString + client decode (_candidates)", parse)):
+                run = off_main(fn)
+                run()
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    fn()
+                    run()
                     times.append(time.perf_counter() - t0)
                 pieces[name] = med(times)
             client.close()
@@ -299,9 +332,11 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
         assert len(s.candidates) == len(d.candidates) == args.samples
         for cd, cs in zip(d.candidates, s.candidates):
             assert np.array_equal(cd.token_ids, cs.token_ids) and np.array_equal(cd.topk.ids, cs.topk_ids)
-            assert cs.topk_logprobs.dtype == cd.topk.logprobs.dtype and np.array_equal(cd.topk.logprobs, cs.topk_logprobs)
+            assert cs.topk_logprobs.dtype == cd.topk.logprobs.dtype
+            assert np.array_equal(cd.topk.logprobs, cs.topk_logprobs)
             tokens += cd.token_ids.size
-    payload = sum(c.token_ids.nbytes + c.topk.ids.nbytes + c.topk.logprobs.nbytes for d in got_direct for c in d.candidates)
+    payload = sum(c.token_ids.nbytes + c.topk.ids.nbytes + c.topk.logprobs.nbytes
+                  for d in got_direct for c in d.candidates)
     wire_bytes = sum(p.wire_bytes for p in got_server)
     md, ms = med(t_direct), med(t_server)
     print(f"(1) hit path: {len(jobs)} prompts x {args.samples} cached candidates x {args.hit_tokens} tokens, K={k} "
@@ -313,9 +348,13 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
     print(f"{'server: GetCandidates over loopback gRPC':50s} {ms * 1e3:10.1f} {spread(t_server):>12s} "
           f"{payload / MB / ms:13.0f} {ms / md:14.2f}")
     for name, t in pieces.items():
-        print(f"{'  piece: ' + name:50s} {t * 1e3:10.1f} {'':>12s} {payload / MB / t:13.0f} {t / md:14.2f}")
+        print(f"{'  step: ' + name:50s} {t * 1e3:10.1f} {'':>12s} {payload / MB / t:13.0f} {t / md:14.2f}")
+    rest = ms - md - sum(pieces.values())
+    print(f"{'  rest: transport, threads, GIL (server - the above)':50s} {rest * 1e3:10.1f} {'':>12s} {'':>13s} "
+          f"{rest / md:14.2f}")
     ratio = md / ms
-    print(f"ratio server/direct throughput: {ratio:.2f} (goal >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")
+    print(f"ratio server/direct throughput: {ratio:.2f} of medians, {min(t_direct) / min(t_server):.2f} of best times "
+          f"(goal >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")
     return {"hit_ratio": ratio}
 
 
@@ -378,10 +417,13 @@ def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
 
     rt, k, n = tiny.runtime, args.k, args.miss_prompts * args.samples
     sampling, seed = rt.default_sampling, rt.config.sampling.seed
-    direct_cache = CandidateCache(tiny.folder / "direct-cache", rt.fingerprint, rt.pipeline, store_k=rt.config.max_logprob_k)
+    direct_cache = CandidateCache(tiny.folder / "direct-cache", rt.fingerprint, rt.pipeline,
+                                  store_k=rt.config.max_logprob_k)
     client = TeacherClient(tiny.running.address)
     t_server: list[float] = []
     t_direct: list[float] = []
+    t_inside: list[float] = []
+    spans = time_batcher(tiny.running.service.candidates)
     same = True
 
     def both(prompts: list[Any], jobs: list[Any], server_first: bool) -> tuple[dict[str, float], bool]:
@@ -392,7 +434,7 @@ def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
             if name == "server":
                 got = list(client.get_candidates(prompts, logprob_k=k))
             else:
-                got = direct_cache.get(jobs, sampling, seed, k)
+                got = off_main(lambda: direct_cache.get(jobs, sampling, seed, k))()
             took[name] = time.perf_counter() - t0
             assert len(got) == len(jobs) and all(not p.cache_hit for p in got), f"{name}: expected all misses"
             assert sum(len(p.candidates) for p in got) == sum(j.n_tier1 for j in jobs)
@@ -406,26 +448,38 @@ def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
             # round r asks for pool window [r * samples, (r + 1) * samples): new entries, the same on both sides
             prompts, jobs = make_prompts(args.miss_prompts, args.samples, args.prompt_len, seed=2,
                                          offset=r * args.samples)
+            before = len(spans)
             took, equal = both(prompts, jobs, server_first=r % 2 == 0)
             t_server.append(took["server"])
             t_direct.append(took["direct"])
+            t_inside.append(sum(spans[before:]))
             same = same and equal
-            print(f"  miss round {r}: server {took['server']:.2f} s, direct {took['direct']:.2f} s", flush=True)
+            print(f"  miss round {r}: server {took['server']:.2f} s (of which its CandidateCache.get "
+                  f"{t_inside[-1]:.2f} s, {len(spans) - before} batch), direct {took['direct']:.2f} s", flush=True)
     finally:
         client.close()
         direct_cache.close()
     ms, md = med(t_server), med(t_direct)
     ratio = md / ms
-    print(f"(2) miss path: tiny Qwen2 (vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, fp32, {args.device}, hf engine), "
+    print(f"(2) miss path: tiny Qwen2 (vocab {VOCAB}, hidden {args.hidden}, {args.layers} layers, fp32, "
+          f"{args.device}, hf engine), "
           f"{args.miss_prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, K={k}, "
           f"T={args.temperature} top_p={args.top_p}; median of {args.miss_repeats} all-miss rounds")
-    print(f"{'path':50s} {'median s':>9s} {'min-max ms':>12s} {'candidates/s':>13s} {'tokens/s':>9s}")
+    print(f"{'path':50s} {'median s':>9s} {'min-max s':>12s} {'candidates/s':>13s} {'tokens/s':>9s}")
     for name, t, ts in (("direct: CandidateCache.get (fresh entries)", md, t_direct),
                         ("server: GetCandidates (fresh entries)", ms, t_server)):
-        print(f"{name:50s} {t:9.2f} {spread(ts):>12s} {n / t:13.1f} {n * args.new_tokens / t:9.0f}")
-    print(f"ratio server/direct candidates/s: {ratio:.2f} (goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
+        print(f"{name:50s} {t:9.2f} {spread(ts, ms=False):>12s} {n / t:13.1f} {n * args.new_tokens / t:9.0f}")
+    overhead = [a - b for a, b in zip(t_server, t_inside)]
+    print(f"{'  of which the server batcher CandidateCache.get':50s} {med(t_inside):9.2f} "
+          f"{spread(t_inside, ms=False):>12s}")
+    print(f"{'  of which server overhead (the rest)':50s} {med(overhead):9.3f} {spread(overhead, ms=False):>12s}")
+    print(f"ratio server/direct candidates/s: {ratio:.2f} of medians, {min(t_direct) / min(t_server):.2f} of best "
+          f"times (goal >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
           f"server and direct drew identical candidates: {'yes' if same else 'NO'}")
-    return {"miss_ratio": ratio}
+    share = med([b / a for a, b in zip(t_server, t_inside)])
+    print(f"ratio with the engine time equal on both sides (server's cache.get / its whole call): {share:.3f}; the "
+          f"engine's own speed varies with the load on the machine, the server's overhead does not")
+    return {"miss_ratio": ratio, "miss_ratio_equal_engine": share}
 
 
 # ---------------------------------------------------------------------------------------------------- (3) score
@@ -485,24 +539,31 @@ def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
             raise errors[0]
         return wall, each
 
-    scores = tiny.running.service.scores
+    spans = time_batcher(tiny.running.service.scores)
+    in_alone: list[float] = []
+    in_loaded: list[float] = []
     try:
         # warm-up: one short call (first-touch allocations, thread pools)
         clients[0].score(work[0][0][:1], work[0][1][:1], work[0][2][:1], logprob_k=k)
-        t_alone, t_loaded, per_client = [], [], []
+        t_alone: list[float] = []
+        t_loaded: list[float] = []
+        per_client: list[float] = []
         for r in range(args.score_repeats):
-            order = (alone, loaded) if r % 2 == 0 else (loaded, alone)
-            for fn in order:
+            batches = 0
+            for fn in (alone, loaded) if r % 2 == 0 else (loaded, alone):
+                before = len(spans)
                 if fn is alone:
                     t_alone.append(alone())
+                    in_alone.append(sum(spans[before:]))
                 else:
-                    calls0 = scores.calls
                     wall, each = loaded()
                     t_loaded.append(wall)
                     per_client.extend(each)
-                    batches = scores.calls - calls0
-            print(f"  score round {r}: alone {t_alone[-1]:.2f} s, {clients_n} clients {t_loaded[-1]:.2f} s "
-                  f"({batches} scorer batch{'es' if batches != 1 else ''})", flush=True)
+                    in_loaded.append(sum(spans[before:]))
+                    batches = len(spans) - before
+            print(f"  score round {r}: alone {t_alone[-1]:.2f} s (scorer {in_alone[-1]:.2f} s), {clients_n} clients "
+                  f"{t_loaded[-1]:.2f} s (scorer {in_loaded[-1]:.2f} s in {batches} batch"
+                  f"{'es' if batches != 1 else ''})", flush=True)
     finally:
         for c in clients:
             c.close()
@@ -513,12 +574,17 @@ def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
           f"(response from {args.score_prompt_len}: {positions:,} positions) with K={k} top-K and {k} candidate ids "
           f"per position; tiny Qwen2 server as in (2), batch window {args.window_ms:g} ms; median of "
           f"{args.score_repeats}")
-    print(f"{'clients':50s} {'wall s':>9s} {'min-max ms':>12s} {'positions/s':>12s} {'per-client s':>13s}")
-    print(f"{'1 alone':50s} {ta:9.2f} {spread(t_alone):>12s} {rate_alone:12.0f} {ta:13.2f}")
-    print(f"{f'{clients_n} concurrent (threads, own TeacherClient)':50s} {tl:9.2f} {spread(t_loaded):>12s} "
-          f"{rate_loaded:12.0f} {med(per_client):13.2f}")
-    print(f"scaling ratio (aggregate positions/s with {clients_n} / alone): {ratio:.2f}; "
+    print(f"{'clients':50s} {'wall s':>9s} {'min-max s':>12s} {'positions/s':>12s} {'per-client s':>13s} "
+          f"{'in scorer s':>12s}")
+    print(f"{'1 alone':50s} {ta:9.2f} {spread(t_alone, ms=False):>12s} {rate_alone:12.0f} {ta:13.2f} "
+          f"{med(in_alone):12.2f}")
+    print(f"{f'{clients_n} concurrent (threads, own TeacherClient)':50s} {tl:9.2f} {spread(t_loaded, ms=False):>12s} "
+          f"{rate_loaded:12.0f} {med(per_client):13.2f} {med(in_loaded):12.2f}")
+    print(f"scaling ratio (aggregate positions/s with {clients_n} / alone): {ratio:.2f} of medians, "
+          f"{clients_n * min(t_alone) / min(t_loaded):.2f} of best times; "
           f"per-client latency under load: {med(per_client) / ta:.2f}x alone")
+    print(f"time outside the scorer (validation, wire, batching window): alone {med(t_alone) - med(in_alone):.2f} s, "
+          f"{clients_n} clients {med(t_loaded) - med(in_loaded):.2f} s")
     return {"score_ratio": ratio}
 
 
@@ -568,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; python {sys.version.split()[0]}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs (load average {load:.1f} at the start); "
+          f"python {sys.version.split()[0]}", flush=True)
     out: dict[str, float] = {}
     if args.part in ("hit", "all"):
         out.update(bench_hit(args))

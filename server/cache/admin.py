@@ -212,8 +212,9 @@ def compact(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
 def export_rows(path: str | os.PathLike[str], verifier: Any | None = None) -> Iterator[dict[str, Any]]:
     """One row per entry: pool, teacher, tier, index, prompt ids, caller's prompt ids, tokens, answer, flags.
 
-    ``correct`` is judged against the pool's ground truth for Tier 2 and against the ground truth that came with
-    the first recorded request for Tier 1 (correctness is per request; None when no request recorded one).
+    ``correct`` is judged against the pool's ground truth for Tier 2, and for Tier 1 against the ground truth
+    recorded with the pool's first caller prompt id in byte order (correctness is per request, so this is one
+    request's view; ``ground_truth`` says which; None when no request recorded one).
     """
     from brts.shared.verify import answers_correct_batch
 
