@@ -25,7 +25,7 @@ the timed repeats of the two sides interleaved, reported as medians:
     tokens with K=16 candidate ids per response position, against one client alone scoring its 8: aggregate
     response positions/s and the scaling ratio (aggregate with 4 / alone), on the same tiny-model server.
 
-Default sizes fit ~4 minutes on 2 CPU cores, where the 151,936-wide LM head and sampler cost ~20 ms per
+Default sizes fit ~2 minutes on 2 CPU cores, where the 151,936-wide LM head and sampler cost ~20 ms per
 generated token per row and ~4 ms per scored position: (2) runs 4 prompts × 4 samples × 32 new tokens and (3)
 scores the last 128 positions of each 2,048-token sequence; the last line below runs issue #5's sizes on a GPU:
 
@@ -34,7 +34,12 @@ scores the last 128 positions of each 2,048-token sequence; the last line below 
     .venv/bin/python bench/bench_server.py --device cuda --miss-prompts 16 --new-tokens 64 --score-prompt-len 256
 
 Everything runs in one process: the server's worker threads and the clients share the interpreter (and its
-GIL) and the machine's cores, as they would not across machines, so the ratios are a conservative bound.
+GIL) and the machine's cores, as they would not across machines, so the ratios are a conservative bound. The
+direct side runs on a worker thread, as the server's work does, and the script re-runs itself with
+MALLOC_ARENA_MAX=1 (``--malloc-arena-max``): on CPU the speed of the same torch work otherwise depended on which
+thread ran it (glibc arenas; OpenMP teams on a loaded machine), which would show up as a server/direct ratio
+that is not the server's. Parts (2) and (3) also print the time the server spent inside its cache/scorer call,
+so the overhead the server adds is read directly, whatever the engine's speed did meanwhile.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" / "Loading weights" bars
 
 VOCAB = 151_936
 FIRST_SPECIAL = 151_643  # ids from here on are special tokens of the Qwen2.5 tokenizer
@@ -223,12 +229,14 @@ class TeacherLikeScorer:
 def hit_runtime(folder: Path, args: argparse.Namespace) -> Any:
     """A ``TeacherRuntime`` around the doubles, with the real pipeline, verifier and cache."""
     from brts.server.cache import CandidateCache
+    from brts.server.engines.base import SamplingParams
     from brts.server.pipeline import CandidatePipeline
     from brts.server.runtime import TeacherRuntime
     from brts.shared.config import ServerConfig, load_config
     from brts.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
     from brts.shared.verify import BoundedVerifier
 
+    teacher = "teacher-bench-hit"
     tokenizer = load_tokenizer("qwen2.5-instruct")
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = load_config(
@@ -238,16 +246,12 @@ def hit_runtime(folder: Path, args: argparse.Namespace) -> Any:
         model=str(folder), cache_dir=str(folder / "cache"), port=0)
     max_context = args.hit_tokens + args.prompt_len + 16
     engine, scorer = FixedLengthEngine(args.hit_tokens, eos, max_context), TeacherLikeScorer(max_context)
-    verifier = BoundedVerifier()
     s = config.sampling
-    from brts.server.engines.base import SamplingParams
-
     sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
     pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k, seed=s.seed,
-                                 verifier=verifier)
-    cache = CandidateCache(config.cache_dir, "teacher-bench-hit", pipeline, store_k=config.max_logprob_k)
-    return TeacherRuntime(config, engine, scorer, tokenizer, "teacher-bench-hit", tokenizer_fingerprint(tokenizer),
-                          cache, pipeline)
+                                 verifier=BoundedVerifier())
+    cache = CandidateCache(config.cache_dir, teacher, pipeline, store_k=config.max_logprob_k)
+    return TeacherRuntime(config, engine, scorer, tokenizer, teacher, tokenizer_fingerprint(tokenizer), cache, pipeline)
 
 
 def make_prompts(n: int, samples: int, length: int, seed: int, offset: int = 0) -> tuple[list[Any], list[Any]]:
@@ -626,7 +630,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="response_start: positions scored per sequence are score-len minus this (default 1920, "
                         "i.e. 128 positions: the full-vocabulary LM head costs ~4 ms per position on 2 CPU cores)")
     g.add_argument("--score-repeats", type=int, default=2, help="timed rounds, alone and loaded (default 2)")
+    ap.add_argument("--malloc-arena-max", type=int, default=1,
+                    help="re-run this script with MALLOC_ARENA_MAX set to this (default 1; 0 = leave the environment "
+                         "alone): with glibc's per-thread arenas, the same hf work ran up to 2x slower on one worker "
+                         "thread than on another (vocab-sized temporaries), which is not the server's overhead")
     args = ap.parse_args(argv)
+    if args.malloc_arena_max > 0 and os.environ.get("MALLOC_ARENA_MAX") != str(args.malloc_arena_max):
+        env = dict(os.environ, MALLOC_ARENA_MAX=str(args.malloc_arena_max))
+        sys.stdout.flush()
+        rest = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *rest], env)
     if not 0 < args.score_prompt_len < args.score_len <= args.max_positions:
         ap.error("need 0 < --score-prompt-len < --score-len <= --max-positions")
     if args.prompt_len + args.new_tokens > args.max_positions:
@@ -635,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    arenas = os.environ.get("MALLOC_ARENA_MAX", "unset")
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs (load average {load:.1f} at the start); "
-          f"python {sys.version.split()[0]}", flush=True)
+          f"python {sys.version.split()[0]}; MALLOC_ARENA_MAX={arenas}", flush=True)
     out: dict[str, float] = {}
     if args.part in ("hit", "all"):
         out.update(bench_hit(args))

@@ -86,14 +86,18 @@ class RunningServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
-        if cfg.tls_cert and cfg.tls_key:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"port: cannot bind {address} (in use, or not an address of this machine)")
+        try:
+            address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+            if cfg.tls_cert and cfg.tls_key:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+            if not self.port:
+                raise OSError(f"port: cannot bind {address} (in use, or not an address of this machine)")
+        except BaseException:
+            self.service.close()  # the batcher threads started with the service; don't leak them
+            raise
         self.address = f"{cfg.host}:{self.port}"
 
     def start(self) -> "RunningServer":

@@ -264,6 +264,7 @@ class HFEngine:
         target = (u.double() * cdf[:, -1]).unsqueeze(-1)
         col = (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1)
         # Never land on a zero-probability column through rounding at the top end.
-        last_nonzero = (probs > 0).long().cumsum(-1).argmax(-1)
+        # the last column with mass: first hit scanning from the end (no int64 cumsum over the vocabulary)
+        last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
         col = torch.minimum(col, last_nonzero)
         return col if idx is None else idx.gather(1, col.unsqueeze(-1)).squeeze(-1)
