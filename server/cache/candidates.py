@@ -134,23 +134,21 @@ class CandidateCache:
         samp = sampling_key(sampling, seed)
         wants1 = [self._tier1_wants(job, samp) for job in jobs]
         got1, fresh1 = self._ensure([w for ws in wants1 for w in ws], sampling, seed, k, generate)
+        present1 = [[w for w in wants if w.key in got1] for wants in wants1]
+        judged1 = self._judge(jobs, present1, got1)
         served = []
-        for job, wants in zip(jobs, wants1):
-            entries = [got1[w.key] for w in wants if w.key in got1]
-            judged = answers_correct_batch([e.answer for e in entries], [job.ground_truth] * len(entries), self._verifier)
-            cands = [self._serve(e, ok, k, w.key in fresh1 or False) for e, ok, w in
-                     zip(entries, judged, [w for w in wants if w.key in got1])]
+        for job, wants, present, judged in zip(jobs, wants1, present1, judged1):
+            cands = [self._serve(got1[w.key], ok, k, w.key in fresh1) for w, ok in zip(present, judged)]
             hit = not any(w.key in fresh1 for w in wants)
-            served.append(ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=len(wants) - len(entries)))
+            served.append(ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=len(wants) - len(present)))
         retry = [n for n, (job, s) in enumerate(zip(jobs, served)) if job.n_tier2 > 0 and not any(c.correct for c in s.candidates)]
         wants2 = [self._tier2_wants(jobs[n], samp) for n in retry]
         got2, fresh2 = self._ensure([w for ws in wants2 for w in ws], sampling, seed, k, generate)
         keep_leaked = self.pipeline.keep_leaked if self.pipeline is not None else False
-        for n, wants in zip(retry, wants2):
-            present = [w for w in wants if w.key in got2]
-            entries = [got2[w.key] for w in present]
-            judged = answers_correct_batch([e.answer for e in entries], [jobs[n].ground_truth] * len(entries), self._verifier)
-            attempts = [self._serve(e, ok, k, w.key in fresh2) for e, ok, w in zip(entries, judged, present)]
+        present2 = [[w for w in wants if w.key in got2] for wants in wants2]
+        judged2 = self._judge([jobs[n] for n in retry], present2, got2)
+        for n, wants, present, judged in zip(retry, wants2, present2, judged2):
+            attempts = [self._serve(got2[w.key], ok, k, w.key in fresh2) for w, ok in zip(present, judged)]
             s = served[n]
             s.tier2_attempts = attempts
             s.candidates.extend(c for c in attempts if c.correct and (keep_leaked or not c.leaked) and c.topk is not None)
@@ -160,6 +158,13 @@ class CandidateCache:
         for s in served:
             s.seconds = elapsed
         return served
+
+    def _judge(self, jobs: Sequence[PromptJob], present: list[list[_Want]], got: dict[bytes, Entry]) -> list[list[bool]]:
+        """Every stored answer against its request's ground truth, in one verifier batch for the whole call."""
+        answers = [got[w.key].answer for ws in present for w in ws]
+        truths = [job.ground_truth for job, ws in zip(jobs, present) for _ in ws]
+        flat = iter(answers_correct_batch(answers, truths, self._verifier))
+        return [[next(flat) for _ in ws] for ws in present]
 
     # -- wants ----------------------------------------------------------------------------------------------------
     @property
