@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,6 +29,7 @@ from brts.shared.topk import to_proto
 
 log = logging.getLogger("brts.serve")
 _STOP = object()
+SNAPSHOT_CHUNK = 4  # prompts per snapshot read: small enough to start streaming at once
 
 
 @dataclass
@@ -135,10 +137,27 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         window = cfg.batch_window_ms / 1000 if window_s is None else window_s
         self.candidates = Coalescer("brts-candidates", self._generate, window)
         self.scores = Coalescer("brts-score", self._score, window)
+        # Snapshot reads (decompress + decode, which release the GIL) run on these threads while the RPC thread
+        # builds and serializes the messages of the prompts already read: the two overlap instead of adding up.
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brts-read")
 
     def close(self) -> None:
         self.candidates.close()
         self.scores.close()
+        self._readers.shutdown(wait=True)
+
+    def _snapshot(self, call: Any) -> Iterator[tuple[PromptJob, ServedPrompt]]:
+        """What the cache holds for each prompt, read in chunks ahead of the consumer, in request order."""
+        rt, size = self.runtime, SNAPSHOT_CHUNK
+        chunks = [call.jobs[i : i + size] for i in range(0, len(call.jobs), size)]
+        futures = [self._readers.submit(rt.cache.get, c, call.sampling, call.seed, call.k, generate=False)
+                   for c in chunks]
+        try:
+            for chunk, future in zip(chunks, futures):
+                yield from zip(chunk, future.result())
+        finally:
+            for future in futures:
+                future.cancel()
 
     # -- workers ----------------------------------------------------------------------------------------------------
     def _generate(self, key: tuple[SamplingParams, int, int], jobs: list[PromptJob]) -> list[ServedPrompt]:
@@ -173,16 +192,19 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         rt = self.runtime
         try:
             call = candidates_call(request, rt.default_sampling, rt.config.sampling.seed, self.limits, rt.fingerprint)
-            snapshot = rt.cache.get(call.jobs, call.sampling, call.seed, call.k, generate=False)
         except Exception as exc:  # noqa: BLE001
             self._abort(context, exc, "GetCandidates")
             return
         pending = []
-        for job, served in zip(call.jobs, snapshot):
-            if served.missing == 0 or call.cache_only:
-                yield prompt_message(served)
-            else:
-                pending.append(job)
+        try:
+            for job, served in self._snapshot(call):
+                if served.missing == 0 or call.cache_only:
+                    yield prompt_message(served)
+                else:
+                    pending.append(job)
+        except Exception as exc:  # noqa: BLE001
+            self._abort(context, exc, "GetCandidates")
+            return
         if not pending:
             return
         try:
