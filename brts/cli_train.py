@@ -1,13 +1,10 @@
-"""`brts train`: validate and preflight the config (one line on any problem), then launch; `brts train export`."""
+"""`brts train`: checks (one line on any problem), then the ranks under torchrun (``trainer/launch.py``); `brts train export`."""
 
 from __future__ import annotations
 
 import sys
 
 import click
-
-NOT_YET_EXIT = 2
-
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--config", "config_file", default=None, help="YAML training config: a path or a shipped name (tiny_cpu, paper_brts_n4, ...).")
@@ -17,7 +14,10 @@ NOT_YET_EXIT = 2
 @click.argument("args", nargs=-1)
 def train(config_file: str | None, nproc: int | None, resume: str | None, base_model: str | None,
           args: tuple[str, ...]) -> None:
-    """Train a student with BRTS (or the OPD baseline) against a teacher server. KEY=VALUE override settings.
+    """Train a student with BRTS (or the OPD baseline) against a running `brts serve`. KEY=VALUE override settings.
+
+    `--resume RUN_DIR` continues a run from its latest checkpoint with its saved config (overrides may change
+    max_steps, save_every, server, ...).
 
     `brts train export CKPT OUT --base-model DIR` writes a checkpoint's student in Hugging Face format.
     """
@@ -34,12 +34,7 @@ def train(config_file: str | None, nproc: int | None, resume: str | None, base_m
             sys.exit(1)
         click.echo(f"brts train export: wrote {args[2]}")
         return
-    from brts.trainer.preflight import main_check
+    from brts.trainer.launch import launch
 
     overrides = list(args) + ([f"launch.nproc={nproc}"] if nproc is not None else [])
-    code = main_check(config_file, overrides)
-    if code:
-        sys.exit(code)
-    click.echo("brts train: the training loop lands with issue #8 (the config and this machine passed the checks).",
-               err=True)
-    sys.exit(NOT_YET_EXIT)
+    sys.exit(launch(config_file, overrides, resume))

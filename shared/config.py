@@ -285,11 +285,18 @@ class TrainConfig(_Validated):
     save_every: int = 20
     eval_every: int = 10
     log_every: int = 1
+    keep_checkpoints: int = 3
+    server_token_file: str | None = None
+    server_tls_ca: str | None = None
+    server_retries: int = 8
+    wandb_project: str | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self) -> None:
         self.require(bool(self.student.strip()), "student", "must be a model directory")
+        self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
+        self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
         self.require(":" in self.server, "server", "must be HOST:PORT")
         self.require(self.max_steps >= 1, "max_steps", "must be >= 1")
         self.require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")

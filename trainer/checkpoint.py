@@ -75,7 +75,8 @@ FORMAT_VERSION = 1
 # caller includes one (ranks, device: DCP reshards to a new world size). Everything else (model, data, optimizer,
 # algorithm, dtype, token budget, seeds...) must match, or ``load_checkpoint`` raises.
 RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server",
-                                        "launch")
+                                        "launch", "keep_checkpoints", "server_token_file", "server_tls_ca",
+                                        "server_retries", "wandb_project")
 
 
 # --------------------------------------------------------------------------------------------------- helpers

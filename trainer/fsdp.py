@@ -9,6 +9,7 @@ parameters (embeddings, final norm, LM head) for it and reshard them after, like
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from brts.trainer.topk_logprobs import chunked_topk_logprobs
+
+# The wrapper's outputs are reshaped views of fresh tensors and nothing updates them in place (the losses are
+# out-of-place), which is the case FSDP2's warning is about; silence it instead of paying a copy per forward.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,16 @@ class StudentLogProbs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                gather_ids: torch.Tensor) -> torch.Tensor:
+                gather_ids: torch.Tensor | None = None, k: int = 0) -> Any:
+        """``k == 0``: the log-probs at ``gather_ids`` [B, R, K]. ``k > 0``: ``(topk_ids, topk_logprobs)`` [B, R, k]
+        (the student's own top-K, for the no-grad forwards of the step); both go through ``forward`` so that
+        FSDP2's hooks unshard the root's parameters either way."""
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         head = self.model.get_output_embeddings()
-        out = chunked_topk_logprobs(rows, head.weight, k=0, gather_ids=gather_ids, chunk_size=self.chunk_size,
+        out = chunked_topk_logprobs(rows, head.weight, k=k, gather_ids=gather_ids, chunk_size=self.chunk_size,
                                     bias=getattr(head, "bias", None))
-        return out.gathered_logprobs
+        return out.gathered_logprobs if k == 0 else (out.topk_ids, out.topk_logprobs)
 
 
 def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_checkpointing: bool = False,

@@ -1,0 +1,112 @@
+"""``brts train``: check everything that can be checked in one process, then start the ranks with torchrun.
+
+Why check here: a malformed config, a server that is down, a tokenizer that differs from the teacher's, a run
+directory that already holds a run — each is found in about a second, before N ranks load models, and ends with
+one line and exit 1. Then the resolved config is written to ``RUN_DIR/config.yaml`` (the ranks read that file, and
+it documents the run), and ``python -m torch.distributed.run --standalone`` starts ``brts.trainer.main``. A failure
+the ranks can explain comes back through a status file as one line and its exit code (3: the teacher went away
+mid-run, a checkpoint was written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from brts.shared.config import ConfigError
+
+__all__ = ["launch"]
+
+
+def _say(message: str) -> None:
+    print(f"brts train: {message}", file=sys.stderr, flush=True)
+
+
+def _write_config(config: Any, launch_spec: Any, path: Path) -> None:
+    data = config.to_dict()
+    data["betas"] = list(data["betas"])
+    data["launch"] = launch_spec.to_dict() if hasattr(launch_spec, "to_dict") else dict(launch_spec.__dict__)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def launch(config_file: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
+    """The whole ``brts train``: returns the exit code."""
+    from brts.trainer.checkpoint import list_checkpoints, read_meta
+    from brts.trainer.main import STATUS_ENV, TEACHER_ENV
+    from brts.trainer.preflight import PreflightError, load_train_config, preflight
+
+    try:
+        if resume is not None and config_file is None:
+            saved = Path(resume) / "config.yaml"
+            if not saved.is_file():
+                saved = Path(read_meta(resume)["path"]).parents[1] / "config.yaml"
+            config_file = str(saved)
+        config, spec = load_train_config(config_file, overrides)
+        preflight(config, spec)
+    except (ConfigError, PreflightError, FileNotFoundError) as exc:
+        _say(str(exc))
+        return 1
+    if resume is None and list_checkpoints(config.run_dir):
+        _say(f"run_dir {config.run_dir} already holds checkpoints: resume it with `brts train --resume "
+             f"{config.run_dir}` or choose another run_dir")
+        return 1
+    from brts.shared.data import load_dataset
+    from brts.trainer.step_prompts import first_steps_requests, prompt_spec_of
+    from brts.trainer.teacher_link import HIT_SAMPLE_STEPS, StartupError, check_server
+
+    try:
+        problems = load_dataset(config.dataset)
+        first = first_steps_requests(config, problems, prompt_spec_of(config), HIT_SAMPLE_STEPS) \
+            if config.teacher_branch else []
+        report = check_server(config, first)
+    except (StartupError, ValueError, OSError) as exc:
+        _say(str(exc))
+        return 1
+    print(f"brts train: {report.line()}", flush=True)
+    run_dir = Path(config.run_dir)
+    config_path = run_dir / "config.yaml"
+    _write_config(config, spec, config_path)
+    device = spec.device if spec.device != "auto" else ("cuda" if _has_gpu() else "cpu")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env[TEACHER_ENV] = report.teacher_fingerprint
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.nproc))
+    with tempfile.TemporaryDirectory(prefix="brts-train-") as tmp:
+        status = Path(tmp) / "status.json"
+        env[STATUS_ENV] = str(status)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}",
+               "-m", "brts.trainer.main", "--config", str(config_path)]
+        if resume is not None:
+            cmd += ["--resume", resume]
+        try:
+            code = subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            _say(f"interrupted; resume with `brts train --resume {run_dir}`")
+            return 130
+        if status.is_file():
+            result = json.loads(status.read_text(encoding="utf-8"))
+            if result["code"]:
+                _say(result["message"])
+                return int(result["code"])
+            if not code:
+                return 0
+    if code:
+        _say(f"a rank failed (torchrun exit {code}); the error is above. Resume with `brts train --resume {run_dir}`")
+        return code or 1
+    return 0
+
+
+def _has_gpu() -> bool:
+    from brts.trainer.preflight import Machine
+
+    return Machine().gpu_count() > 0

@@ -1,0 +1,257 @@
+"""The BRTS training loop on every rank (design.md §6): rollouts, teacher, selection, dual-branch update, push.
+
+Order of one step s on a rank, and why:
+1. its prompts (``PromptSampler``: pure in (seed, s)); GetCandidates for step s+1 is sent now, so the teacher
+   generates/reads while this step trains;
+2. n student rollouts per prompt at T=1 (the rollout engine, seeded from (seed, s, prompt position, j));
+3. the student's no-grad top-K along them (FSDP model, collective), each micro-batch's ``Score`` sent at once;
+4. candidates of step s (prefetched), then the choice per prompt (``prefix``: the student's forward on the
+   contested candidates; ``position``: its rollout top-K, per row) by correctness first, overlap second;
+5. the update on L_SC (rollouts, teacher log-probs at the student's top-K) + λ·L_TC (chosen trajectory, the
+   teacher's cached top-K), token means over the whole step (``update.Updater``);
+6. the new weights to the rollout engine, metrics, checkpoint, and the SIGTERM check.
+A teacher that stays unreachable after the client's retries (``TeacherDown``, agreed across ranks) ends the run
+with a checkpoint of the last finished step, so ``brts train --resume`` continues exactly there.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from brts.shared.config import TrainConfig
+from brts.trainer.choose import Choice, Pool, choose_position, choose_prefix, deciding_group, topk_overlap, valid_rows
+from brts.trainer.metrics import StepCounters, console_line, reduce_counters, step_metrics
+from brts.trainer.sampler import PromptSampler, derive_seed
+from brts.trainer.step_prompts import StepPrompt, build_step_prompts, teacher_requests
+from brts.trainer.student_forward import iter_student_topk, student_topk
+from brts.trainer.teacher_link import TeacherDown, TeacherLink
+from brts.trainer.update import Sequence_, Updater
+
+__all__ = ["StepRunner", "TrainError", "full_state_for_rollouts"]
+
+
+class TrainError(RuntimeError):
+    """Ends the run with one line and ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _agree_ok(ok: bool, device: torch.device) -> bool:
+    """True when every rank is ok (a MIN all-reduce), so all ranks stop at the same point."""
+    t = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def full_state_for_rollouts(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The student's full weights under HF names (collective: every rank gathers them for its own engine)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True))
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+@dataclass
+class _Row:
+    prompt: int  # index into the step's prompts on this rank
+    token_ids: tuple[int, ...]
+    stopped: bool
+
+
+@dataclass
+class StepRunner:
+    """Everything one rank needs to run steps; ``run_step(s)`` → the logged record (rank 0) or None."""
+
+    config: TrainConfig
+    device: torch.device
+    wrapper: torch.nn.Module
+    updater: Updater
+    rollouts: Any
+    link: TeacherLink
+    sampler: PromptSampler
+    problems: list[Any]
+    spec: Any
+    is_main: bool
+    pending: dict[int, "Future[Any]"] = field(default_factory=dict)
+    _prompts: dict[int, tuple[list[StepPrompt], int]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ prompts and prefetch
+
+    def prompts(self, step: int) -> tuple[list[StepPrompt], int]:
+        if step not in self._prompts:
+            self._prompts[step] = build_step_prompts(self.sampler.draw(step), self.problems, self.spec)
+            for old in [s for s in self._prompts if s < step - 1]:
+                del self._prompts[old]
+        return self._prompts[step]
+
+    def request_candidates(self, step: int) -> None:
+        if self.config.teacher_branch and step < self.config.max_steps and step not in self.pending:
+            self.pending[step] = self.link.candidates(teacher_requests(self.prompts(step)[0], self.config, step))
+
+    # ------------------------------------------------------------------ one step
+
+    def run_step(self, step: int) -> dict[str, Any] | None:
+        cfg, c = self.config, StepCounters()
+        t_step = time.perf_counter()
+        prompts, too_long = self.prompts(step)
+        c.add("prompts", len(prompts))
+        c.add("prompts_too_long", too_long)
+        self.request_candidates(step)
+        self.request_candidates(step + 1)
+
+        t = time.perf_counter()
+        seeds = [[derive_seed(cfg.seed, "rollout", step, sp.draw.position, j) for j in range(cfg.n_rollouts)]
+                 for sp in prompts]
+        gens = self.rollouts.generate([sp.ids for sp in prompts], seeds, cfg.max_response_len, cfg.rollout_temperature)
+        rows = [_Row(p, tuple(g.token_ids), g.finish_reason == "stop") for p, per in enumerate(gens) for g in per]
+        c.time("rollout", time.perf_counter() - t)
+        c.add("rows", len(rows))
+        c.add("response_tokens", sum(len(r.token_ids) for r in rows))
+        c.add("rows_stopped", sum(r.stopped for r in rows))
+
+        # the student's top-K along its rollouts; each micro-batch's Score goes out as soon as it exists
+        t = time.perf_counter()
+        seqs = [prompts[r.prompt].ids + r.token_ids for r in rows]
+        starts = [len(prompts[r.prompt].ids) for r in rows]
+        rollout_topk: list[Any] = [None] * len(rows)
+        scores: list[tuple[list[int], Future[Any]]] = []
+        for batch, got in iter_student_topk(self.wrapper, seqs, starts, cfg.logprob_k, cfg.token_budget, self.device):
+            for i, rows_topk in zip(batch, got):
+                rollout_topk[i] = rows_topk
+            scores.append((batch, self.link.score([seqs[i] for i in batch], [starts[i] for i in batch],
+                                                  [got[b][0].numpy().astype("int32") for b in range(len(batch))],
+                                                  cfg.logprob_k)))
+        c.time("student_topk", time.perf_counter() - t)
+
+        choices, ok, why = self._select(step, prompts, rows, rollout_topk, c)
+        sc: list[Sequence_] = []
+        if ok:
+            t = time.perf_counter()
+            try:
+                for batch, fut in scores:
+                    for i, res in zip(batch, TeacherLink.result(fut, "Score")):
+                        ids = rollout_topk[i][0]
+                        sc.append(Sequence_(torch.tensor(seqs[i], dtype=torch.long), starts[i], ids,
+                                            torch.from_numpy(res.candidate_logprobs.astype("float32"))))
+                        c.add("ts_overlap_sum", topk_overlap(ids, res.topk_ids))
+                        c.add("ts_overlap_n")
+            except TeacherDown as exc:
+                ok, why = False, str(exc)
+            c.time("score_wait", time.perf_counter() - t)
+        if not _agree_ok(ok, self.device):
+            raise TrainError(f"teacher server {cfg.server} stopped answering ({why or 'on another rank'}); "
+                             "restart `brts serve` and resume with `brts train --resume RUN_DIR`", exit_code=3)
+        tc = self._teacher_sequences(prompts, rows, choices, c)
+
+        t = time.perf_counter()
+        stats = self.updater.step(sc, tc)
+        c.time("update", time.perf_counter() - t)
+        t = time.perf_counter()
+        self.rollouts.push_weights(full_state_for_rollouts(self.wrapper))
+        c.time("weight_push", time.perf_counter() - t)
+        c.time("step", time.perf_counter() - t_step)
+        g = reduce_counters(c, self.device)
+        if not self.is_main:
+            return None
+        lr = self.updater.optimizer.param_groups[0]["lr"]
+        return step_metrics(step + 1, g, stats, lr)
+
+    # ------------------------------------------------------------------ selection
+
+    def _select(self, step: int, prompts: list[StepPrompt], rows: list[_Row], rollout_topk: list[Any],
+                c: StepCounters) -> tuple[dict[int, list[Choice]], bool, str]:
+        """Per prompt, one Choice per row. Collective in ``prefix`` mode (the student's forward on candidates),
+        so every rank calls it; ranks whose candidates failed still take part with nothing to score."""
+        cfg = self.config
+        if not cfg.teacher_branch:
+            return {}, True, ""
+        t = time.perf_counter()
+        ok, why, results = True, "", {}
+        try:
+            results = TeacherLink.result(self.pending.pop(step), "GetCandidates")
+        except TeacherDown as exc:
+            ok, why = False, str(exc)
+        c.time("teacher_wait", time.perf_counter() - t)
+        if not _agree_ok(ok, self.device):
+            return {}, False, why
+        pools: list[Pool] = []
+        for sp in prompts:
+            res = results[sp.prompt_id]
+            pool = Pool.of(res.candidates)
+            pools.append(pool)
+            c.add("cache_hits", res.cache_hit)
+            c.add("candidates", len(res.candidates))
+            c.add("tier1_any_correct", any(x.correct for x in pool.tier1))
+            c.add("tier2_drawn", res.tier2_drawn)
+            c.add("tier2_rescued", any(x.correct for x in pool.tier2))
+            c.add("tier2_leaked", res.tier2_leaked)
+        rows_of: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            rows_of.setdefault(r.prompt, []).append(i)
+        t = time.perf_counter()
+        choices: dict[int, list[Choice]] = {}
+        if cfg.overlap_mode == "position":
+            for p, pool in enumerate(pools):
+                choices[p] = choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3)
+        else:
+            wanted = [(p, key) for p, pool in enumerate(pools) for key in deciding_group(pool, cfg.tier3)
+                      if len(deciding_group(pool, cfg.tier3)) > 1]
+            cands = [(pools[p].tier1 if key[0] == 1 else pools[p].tier2)[key[1]] for p, key in wanted]
+            topk = student_topk(self.wrapper, [prompts[p].ids + tuple(int(x) for x in cand.token_ids)
+                                               for (p, _), cand in zip(wanted, cands)],
+                                [len(prompts[p].ids) for p, _ in wanted], cfg.logprob_k, cfg.token_budget, self.device)
+            c.add("selection_sequences", len(wanted))
+            by_prompt: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
+            for (p, key), (ids, _) in zip(wanted, topk):
+                by_prompt.setdefault(p, {})[key] = ids
+            for p, pool in enumerate(pools):
+                choice = choose_prefix(pool, by_prompt.get(p, {}), cfg.tier3)
+                choices[p] = [choice] * len(rows_of.get(p, []))
+        c.time("selection_forward", time.perf_counter() - t)
+        for per in choices.values():
+            for ch in per:
+                c.add({1: "tier1", 2: "tier2", 3: "tier3", None: "skip"}[ch.tier])
+                if ch.overlap is not None:
+                    c.add("chosen_overlap_sum", ch.overlap)
+                    c.add("chosen_overlap_n")
+                c.add("other_overlap_sum", sum(ch.others))
+                c.add("other_overlap_n", len(ch.others))
+        return choices, True, ""
+
+    def _teacher_sequences(self, prompts: list[StepPrompt], rows: list[_Row], choices: dict[int, list[Choice]],
+                           c: StepCounters) -> list[Sequence_]:
+        """The teacher-context branch: the chosen trajectory after the ORIGINAL prompt, the teacher's cached top-K.
+
+        One sequence per prompt when every row of it shares the choice and nothing is truncated (the same loss as
+        repeating it per row: each prompt has n rows, so the token mean is unchanged); else one per row."""
+        cfg = self.config
+        out: list[Sequence_] = []
+        rows_of: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            rows_of.setdefault(r.prompt, []).append(i)
+        per_prompt = cfg.overlap_mode == "prefix" and not cfg.truncate_to_student
+        for p, per in choices.items():
+            targets = list(zip(per[:1], [None])) if per_prompt else \
+                [(ch, len(rows[i].token_ids) if cfg.truncate_to_student else None) for ch, i in zip(per, rows_of[p])]
+            for ch, keep in targets:
+                cand = ch.candidate
+                if cand is None or cand.topk_ids is None or len(cand.token_ids) == 0:
+                    continue
+                ids = tuple(int(x) for x in cand.token_ids)
+                c.add("chosen_tokens", len(ids))
+                c.add("chosen_n")
+                out.append(Sequence_(torch.tensor(prompts[p].ids + ids, dtype=torch.long), len(prompts[p].ids),
+                                     torch.from_numpy(cand.topk_ids.astype("int64")),
+                                     torch.from_numpy(cand.topk_logprobs.astype("float32")),
+                                     valid_rows(len(ids), keep)))
+        return out
+
