@@ -43,15 +43,13 @@ def test_console_script_is_installed():
     assert exe.returncode == 0 and "serve" in exe.stdout
 
 
-def test_train_checks_the_config_then_says_the_loop_is_not_here_yet(tmp_path):
+def test_train_checks_the_config_before_anything_else(tmp_path):
     bad = CliRunner().invoke(main, ["train", "--config", "tiny_cpu", "lr=-1"])
     assert bad.exit_code == 1
     lines = [line for line in bad.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "train.lr" in lines[0]
-    student = tmp_path / "student"
-    student.mkdir()
-    ok = CliRunner().invoke(main, ["train", "--config", "tiny_cpu", f"student={student}", f"run_dir={tmp_path / 'run'}"])
-    assert ok.exit_code == NOT_YET_EXIT, ok.output
-    assert "issue #8" in ok.output
+    missing = CliRunner().invoke(main, ["train", "--config", "tiny_cpu", f"student={tmp_path / 'nope'}",
+                                        f"run_dir={tmp_path / 'run'}"])
+    assert missing.exit_code == 1 and "student" in missing.output and str(tmp_path / "nope") in missing.output
     usage = CliRunner().invoke(main, ["train", "export", "only-one-arg"])
     assert usage.exit_code == 2 and "brts train export CKPT OUT --base-model" in usage.output

@@ -120,9 +120,10 @@ def train(config_path: str, resume: str | None) -> int:
                   flush=True)
         return 0
     except TrainError as exc:
-        if main:
+        if main and os.environ.get(STATUS_ENV):
+            _status(exc.exit_code, str(exc))  # the launcher prints it as its last line
+        elif main:
             print(f"brts train: {exc}", file=sys.stderr, flush=True)
-            _status(exc.exit_code, str(exc))
         return exc.exit_code
     finally:
         if writer is not None:

@@ -1,0 +1,144 @@
+"""`brts serve` (toy teacher, hf engine) and `brts train` (2 gloo ranks, tiny student) as real processes.
+
+Covers issue #8's end-to-end list: 3 steps with every metric and a checkpoint; a run killed (-9) after step 2 and
+resumed gives step 3's loss of the uninterrupted run exactly; two concurrent runs with different seeds share the
+cache; a server that is down, a tokenizer mismatch and a malformed config each end with one line and exit 1; a
+server that dies mid-run ends the run with exit 3 and a checkpoint of the last finished step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_env import (ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
+                       train, wait_for_step, write_config, write_problems)
+
+METRIC_KEYS = {
+    "loss", "loss/student_context", "loss/teacher_context", "grad_norm", "tier/1", "tier/2", "tier/3", "tier/skip",
+    "tier1_any_correct", "tier2/drawn", "tier2/rescued", "tier2/leaked", "overlap/chosen", "overlap/others",
+    "overlap/teacher_student_topk", "length/rollout", "length/chosen", "cache_hit_rate", "tokens_per_s",
+    "time/rollout", "time/teacher_wait", "time/score_wait", "time/selection_forward", "time/student_topk",
+    "time/update", "time/weight_push", "time/step",
+}
+
+
+@pytest.fixture(scope="module")
+def env(toy_teacher_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-e2e")
+    student = make_student(root / "student")
+    problems = write_problems(root / "problems.jsonl", 32)
+    server = ServerProcess(toy_teacher_dir, root / "cache")
+    yield {"root": root, "student": student, "problems": problems, "server": server}
+    server.stop()
+
+
+def _config(env, name: str, **values) -> Path:
+    values = {"student": str(env["student"]), "server": env["server"].address, "dataset": str(env["problems"]),
+              "run_dir": str(env["root"] / name), **values}
+    return write_config(env["root"] / f"{name}.yaml", **values)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    r = train("--config", str(_config(env, "run-a", save_every=1)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, env["root"] / "run-a"
+
+
+def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
+    r, run = uninterrupted
+    assert "tokenizer and vocabulary match" in r.stdout and "2 rank(s) on cpu" in r.stdout
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    recs = metrics(run)
+    assert [x["step"] for x in recs] == [1, 2, 3]
+    for rec in recs:
+        missing = METRIC_KEYS - set(rec)
+        assert not missing, missing
+        assert rec["prompts"] == 4 and rec["rows"] == 4
+        assert math.isfinite(rec["loss"]) and rec["loss/student_context"] > 0 and rec["loss/teacher_context"] > 0
+        assert rec["tokens/teacher_context"] > 0 and rec["tokens/student_context"] > 0
+        assert abs(rec["tier/1"] + rec["tier/2"] + rec["tier/3"] + rec["tier/skip"] - 1) < 1e-9
+        assert rec["time/step"] >= rec["time/update"] > 0 and rec["tokens_per_s"] > 0
+    assert recs[0]["loss"] != recs[-1]["loss"]
+    assert (run / "checkpoints" / "step_000003" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+
+
+def test_killed_after_step_two_and_resumed_matches_the_uninterrupted_run(env, uninterrupted):
+    _, run_a = uninterrupted
+    run = env["root"] / "run-b"
+    proc = start_train("--config", str(_config(env, "run-b", save_every=1)), log=env["root"] / "run-b.log")
+    wait_for_step(run, 2, proc)
+    kill_group(proc)  # kill -9 the launcher, torchrun and both ranks, mid step 3
+    assert [x["step"] for x in metrics(run)] == [1, 2]
+    again = train("--resume", str(run))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "steps 3..3" in again.stdout
+    a, b = metrics(run_a), metrics(run)
+    assert [x["step"] for x in b] == [1, 2, 3]
+    for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-7), key
+    # a fresh start on a run_dir with checkpoints is refused, not overwritten
+    refused = train("--config", str(env["root"] / "run-b.yaml"))
+    assert refused.returncode == 1 and "already holds checkpoints" in one_line(refused.stderr)
+
+
+def test_two_concurrent_runs_share_one_server_and_its_cache(env, tmp_path):
+    problems = write_problems(tmp_path / "small.jsonl", 8, seed=7)  # 3 steps × 4 prompts from 8: the runs overlap
+    common = {"dataset": str(problems), "sampling": {"max_new_tokens": 20}}  # a key space no other test used
+    first = start_train("--config", str(_config(env, "con-1", seed=1, **common)), log=tmp_path / "1.log")
+    wait_for_step(env["root"] / "con-1", 1, first)
+    second = start_train("--config", str(_config(env, "con-2", seed=2, **common)), log=tmp_path / "2.log")
+    assert first.poll() is None  # really concurrent
+    assert first.wait(timeout=300) == 0, (tmp_path / "1.log").read_text()[-3000:]
+    assert second.wait(timeout=300) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    one, two = metrics(env["root"] / "con-1"), metrics(env["root"] / "con-2")
+    assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3]
+    assert one[0]["cache_hit_rate"] == 0.0  # nobody had asked for these before
+    assert sum(x["cache_hit_rate"] for x in two) > 0  # the second run reads what the first made the server generate
+
+
+def test_startup_problems_end_with_one_line(env, tmp_path):
+    down = train("--config", str(_config(env, "down", server=f"127.0.0.1:{free_port()}")))
+    assert down.returncode == 1 and "not reachable" in one_line(down.stderr)
+
+    from brts.shared.tokenizer import load_tokenizer
+
+    other = load_tokenizer("qwen2.5-instruct")
+    other.add_tokens(["<brts-extra-token>"])
+    odd = make_student(tmp_path / "odd-student", tokenizer=other)
+    mismatch = train("--config", str(_config(env, "mismatch", student=str(odd))))
+    assert mismatch.returncode == 1 and "tokenizer mismatch" in one_line(mismatch.stderr)
+
+    bad = train("--config", str(_config(env, "bad")), "lr=-1")
+    assert bad.returncode == 1 and "train.lr: must be > 0" in one_line(bad.stderr)
+    unknown = train("--config", str(_config(env, "bad", overlap_mode="diagonal")))
+    assert unknown.returncode == 1 and "overlap_mode" in one_line(unknown.stderr)
+    assert not (env["root"] / "bad" / "checkpoints").exists()
+
+
+def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_path):
+    server = ServerProcess(toy_teacher_dir, tmp_path / "cache")
+    run = tmp_path / "run"
+    cfg = _config(env, "dies", server=server.address, run_dir=str(run), server_retries=0, max_steps=20)
+    proc = start_train("--config", str(cfg), log=tmp_path / "log")
+    try:
+        wait_for_step(run, 1, proc)
+        server.kill()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    log = (tmp_path / "log").read_text()
+    assert code == 3, log[-3000:]
+    last = [line for line in log.splitlines() if line.strip()][-1]
+    assert "stopped answering" in last and "--resume" in last
+    done = max(x["step"] for x in metrics(run))
+    assert (run / "checkpoints" / f"step_{done:06d}" / "COMPLETE").is_file()  # no finished step was lost
