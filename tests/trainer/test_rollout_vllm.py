@@ -151,8 +151,9 @@ def test_eos_convention(rollouts):
 def test_push_weights_changes_generation_to_the_pushed_model(rollouts, tiny):
     model = tiny[1]
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    prompts = [_prompt(9), _prompt(4, 5), _prompt(17, 9)]
-    seeds = [[0], [0], [0]]
+    # the 150-token prompt fills whole KV blocks, which the prefix cache keeps: a push must invalidate them
+    prompts = [_prompt(9), _prompt(4, 5), _prompt(17, 9), _prompt(150, 11)]
+    seeds = [[0]] * len(prompts)
     before = [per[0].token_ids for per in rollouts.generate(prompts, seeds, 12, 0.0)]
     for p, t in zip(prompts, before):  # greedy under the EOS bias: mostly a lone <|im_end|>
         assert not _greedy_mismatches(model, p, t)

@@ -1,0 +1,186 @@
+"""The training loop's parts on their own: sampler, freshness windows, choice against the live student, the
+student's no-grad top-K, rollouts with a weight push, the metrics file on resume."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from brts.trainer.choose import Pool, choose_position, choose_prefix, deciding_group, topk_overlap, valid_rows
+from brts.trainer.sampler import PromptSampler, derive_seed, pool_offset
+from brts.trainer.selection import select_candidate
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+
+
+def test_sampler_shards_partition_each_step_and_epochs_cover_the_dataset():
+    n, per_step, world = 10, 4, 3
+    full = PromptSampler(n, per_step, seed=5)
+    for step in range(6):
+        shards = [PromptSampler(n, per_step, 5, r, world).draw(step) for r in range(world)]
+        merged = sorted((d.position, d.item) for s in shards for d in s)
+        assert merged == sorted((d.position, d.item) for d in full.draw_all(step))
+        assert [d.position for d in full.draw_all(step)] == list(range(step * per_step, (step + 1) * per_step))
+    stream = [d for step in range(5) for d in full.draw_all(step)]  # 20 positions = 2 epochs
+    for epoch in (0, 1):
+        assert sorted(d.item for d in stream if d.epoch == epoch) == list(range(n))
+    assert [d.item for d in stream[:n]] != [d.item for d in stream[n:]]  # a fresh permutation per epoch
+    assert PromptSampler(n, per_step, 5).draw_all(3) == full.draw_all(3)  # pure in (seed, step)
+    assert PromptSampler(n, per_step, 6).draw_all(0) != full.draw_all(0)
+
+
+def test_sampler_rejects_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="dataset"):
+        PromptSampler(0, 4, 0)
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        PromptSampler(4, 0, 0)
+    with pytest.raises(ValueError, match="rank"):
+        PromptSampler(4, 4, 0, rank=2, world_size=2)
+
+
+def test_pool_windows_follow_the_freshness_policy():
+    assert pool_offset("cached", 4, epoch=3, step=9) == 0
+    assert pool_offset("per_epoch", 4, epoch=3, step=9) == 12
+    assert pool_offset("per_step", 4, epoch=3, step=9) == 36
+    with pytest.raises(ValueError, match="freshness"):
+        pool_offset("sometimes", 4, 0, 0)
+    assert derive_seed(1, "rollout", 2, 3) == derive_seed(1, "rollout", 2, 3) != derive_seed(1, "rollout", 2, 4)
+    assert 0 <= derive_seed("x") < 2**63
+
+
+# ------------------------------------------------------------------------------------------------ choice
+
+
+def _cand(tier, correct, ids):
+    return SimpleNamespace(tier=tier, correct=correct, token_ids=np.array(ids, dtype=np.int32))
+
+
+def test_deciding_group_is_where_overlap_can_still_matter():
+    pool = Pool.of([_cand(1, False, [1]), _cand(1, True, [2]), _cand(2, True, [3]), _cand(1, True, [4])])
+    assert deciding_group(pool, "most_similar") == [(1, 1), (1, 2)]
+    pool = Pool.of([_cand(1, False, [1]), _cand(2, False, [2]), _cand(2, True, [3])])
+    assert deciding_group(pool, "most_similar") == [(2, 1)]
+    pool = Pool.of([_cand(1, False, [1]), _cand(1, False, [2])])
+    assert deciding_group(pool, "most_similar") == [(1, 0), (1, 1)]
+    assert deciding_group(pool, "skip") == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefix_choice_on_the_deciding_group_equals_scoring_every_candidate(seed):
+    gen = torch.Generator().manual_seed(seed)
+    cands = [_cand(1 if i < 4 else 2, bool(torch.rand(1, generator=gen) < 0.4),
+                   torch.randint(0, 6, (5,), generator=gen).tolist()) for i in range(6)]
+    pool = Pool.of(cands)
+    topk = {(t, i): torch.randint(0, 6, (5, 2), generator=gen)
+            for t, tier in ((1, pool.tier1), (2, pool.tier2)) for i in range(len(tier))}
+
+    def overlap(key):
+        c = (pool.tier1 if key[0] == 1 else pool.tier2)[key[1]]
+        ids = torch.as_tensor(c.token_ids, dtype=torch.long)
+        return float((ids.unsqueeze(-1) == topk[key]).any(-1).double().mean())
+
+    for tier3 in ("most_similar", "skip"):
+        expected = select_candidate([(c.correct, overlap((1, i))) for i, c in enumerate(pool.tier1)],
+                                    [(c.correct, overlap((2, i))) for i, c in enumerate(pool.tier2)], tier3)
+        group = deciding_group(pool, tier3)
+        got = choose_prefix(pool, {k: topk[k] for k in group} if len(group) > 1 else {}, tier3)
+        if expected is None:
+            assert got.tier is None and got.candidate is None
+        else:
+            tier, index = expected
+            assert got.tier == tier
+            assert got.candidate is (pool.tier2 if tier == 2 else pool.tier1)[index]
+
+
+def test_position_choice_is_per_rollout_row():
+    pool = Pool.of([_cand(1, True, [5, 6, 7]), _cand(1, True, [8, 9, 9])])
+    rows = [torch.tensor([[5, 0], [6, 0], [7, 0]]), torch.tensor([[8, 1], [9, 1]])]
+    first, second = choose_position(pool, rows, "most_similar")
+    assert first.candidate is pool.tier1[0] and first.overlap == 1.0 and first.others == [0.0]
+    assert second.candidate is pool.tier1[1] and second.overlap == pytest.approx(2 / 3)
+
+
+def test_topk_overlap_and_truncation_mask():
+    assert topk_overlap(np.array([[1, 2], [3, 4]]), np.array([[2, 9], [-1, -1]])) == pytest.approx(0.25)
+    assert valid_rows(5, None).tolist() == [True] * 5
+    assert valid_rows(5, 2).tolist() == [True, True, False, False, False]
+
+
+# ------------------------------------------------------------------------------------------------ student top-K
+
+
+def test_student_topk_matches_a_plain_forward(tiny_qwen2_local):
+    from brts.trainer.fsdp import StudentLogProbs
+    from brts.trainer.student_forward import student_topk
+
+    model = tiny_qwen2_local
+    wrapper = StudentLogProbs(model, chunk_size=3)
+    seqs = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    starts = [2, 1, 4]
+    out = student_topk(wrapper, seqs, starts, k=4, budget=8, device=torch.device("cpu"))  # several micro-batches
+    for seq, start, (ids, lps) in zip(seqs, starts, out):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0].float().log_softmax(-1)
+        want = logits[start - 1 : len(seq) - 1].topk(4)
+        assert ids.shape == (len(seq) - start, 4)
+        assert torch.equal(ids, want.indices)
+        torch.testing.assert_close(lps, want.values, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def tiny_qwen2_local():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).eval()
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+def test_hf_rollouts_are_seeded_and_follow_pushed_weights(tmp_path, tiny_qwen2_local):
+    from brts.trainer.rollout import HFRollouts
+
+    model = tiny_qwen2_local
+    model.generation_config.eos_token_id = 3
+    model.save_pretrained(tmp_path / "m")
+    engine = HFRollouts(tmp_path / "m", "cpu", "float32")
+    prompts, seeds = [[1, 2, 5], [7, 8]], [[11, 12], [13]]
+    a = engine.generate(prompts, seeds, 6, 1.0)
+    assert [len(x) for x in a] == [2, 1]
+    assert engine.generate(prompts, seeds, 6, 1.0) == a  # reproducible from the seeds
+    assert engine.generate(prompts[::-1], seeds[::-1], 6, 1.0) == a[::-1]  # whatever the batch
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"].zero_()
+    state["model.embed_tokens.weight"].zero_()
+    engine.push_weights(state)
+    assert torch.equal(engine.model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+    assert engine.generate(prompts, seeds, 6, 1.0) != a
+    with pytest.raises(KeyError, match="lacks"):
+        engine.push_weights({"model.norm.weight": state["model.norm.weight"]})
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_file_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    from brts.trainer.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path)
+    for step in (1, 2, 3):
+        w.write({"step": step, "loss": float(step)})
+    w.close()
+    w = MetricsWriter(tmp_path, resume_step=2)  # step 3 was logged but its checkpoint never landed
+    w.write({"step": 3, "loss": 30.0})
+    w.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
