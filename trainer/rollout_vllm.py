@@ -186,7 +186,7 @@ class VLLMRollouts:
             self._llm.wake_up(tags=["weights"])  # weights back before writing them; the KV cache stays freed
         if hasattr(self._llm.llm_engine, "model_executor"):  # in-process engine core: no copy on the way
             items = ((k, v.detach()) for k, v in state_dict.items())
-            pass  # NOOP
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
         else:
             self._push_via_files(state_dict)
         self._llm.reset_prefix_cache()  # cached prompt KV came from the old weights

@@ -1,0 +1,133 @@
+"""Training-step time with N = 1, 2, 4 teacher candidates on a warm cache, per overlap mode, side by side.
+
+Why: BRTS's cost over plain OPD is choosing among N candidates every step. The paper regenerates them every
+step (460 s vs 281 s per step for N=4 vs N=1, ratio 1.64); with the shared cache the candidates are read, not
+generated, and what grows with N is only the selection: in ``position`` mode a comparison with the rollouts'
+top-K (no forward), in ``prefix`` mode one no-grad student forward per contested candidate. Issue #8's goals on
+tiny CPU models: step(4)/step(1) <= 1.10 (position) and <= 1.35 (prefix), and the selection-forward share.
+
+Setup, all real: a ``brts serve`` subprocess (the fitted toy teacher, hf engine, a fresh cache folder), this
+process as a one-rank trainer (gloo, FSDP2, the hf rollout engine) running ``loop.StepRunner`` exactly as
+``brts train`` does. Student: a random tiny Qwen2 with the full Qwen2.5 vocabulary (hidden 64, 2 layers, fp32).
+The cache is warmed first by a pass at N=4 (its pool window [0, 4) contains those of N=1 and 2). Then for each
+repeat, for each mode, for each N (interleaved, these machines are noisy): fresh student weights, ``--steps``
+steps over the same prompts, the first one untimed; the table gives the median step time and its breakdown.
+
+    .venv/bin/python bench/bench_train_step.py                 # ~4 minutes on 2 cores
+    .venv/bin/python bench/bench_train_step.py --repeats 5 --prompts 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+
+
+def _runner(config, problems, spec, info):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from brts.trainer.fsdp import shard_student
+    from brts.trainer.loop import StepRunner, full_state_for_rollouts
+    from brts.trainer.rollout import HFRollouts
+    from brts.trainer.sampler import PromptSampler
+    from brts.trainer.teacher_link import TeacherLink
+    from brts.trainer.update import UpdateConfig, Updater, make_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32, local_files_only=True)
+    wrapper = shard_student(model, info, bf16=False)
+    optimizer = make_optimizer(wrapper, config.lr, tuple(config.betas), config.weight_decay)
+    updater = Updater(wrapper, optimizer, UpdateConfig(config.lam, config.grad_clip, config.token_budget), info.device)
+    rollouts = HFRollouts(config.student, "cpu", "float32", spec.tokenizer)
+    rollouts.push_weights(full_state_for_rollouts(wrapper))
+    link = TeacherLink(config)
+    sampler = PromptSampler(len(problems), config.prompts_per_step, config.seed)
+    return StepRunner(config, info.device, wrapper, updater, rollouts, link, sampler, problems, spec, True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="steps per pass; the first is not timed")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--rollouts", type=int, default=2, help="student rollouts per prompt")
+    ap.add_argument("--response-len", type=int, default=32)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from train_env import ServerProcess, make_student, write_config, write_problems
+
+    from brts.server.toy import fit_toy_model
+    from brts.shared.data import load_dataset
+    from brts.trainer.fsdp import init_distributed
+    from brts.trainer.preflight import load_train_config
+    from brts.trainer.step_prompts import prompt_spec_of
+
+    teacher = fit_toy_model(REPO / ".pytest_cache" / "d" / "toy-teacher", quality="teacher")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    student = make_student(tmp / "student")
+    data = write_problems(tmp / "problems.jsonl", 256, seed=3)
+    server = ServerProcess(teacher, tmp / "cache")
+    info = init_distributed("cpu")
+    results: dict[tuple[str, int], list[dict]] = {}
+    try:
+        def config(mode: str, n: int):
+            path = write_config(tmp / f"{mode}-{n}.yaml", student=str(student), server=server.address,
+                                dataset=str(data), run_dir=str(tmp / "run"), prompts_per_step=args.prompts,
+                                n_rollouts=args.rollouts, max_response_len=args.response_len, n_candidates=n,
+                                n_tier2=0, overlap_mode=mode, max_steps=args.steps,
+                                sampling={"max_new_tokens": args.response_len})
+            return load_train_config(path)[0]
+
+        problems = load_dataset(str(data))
+        spec = prompt_spec_of(config("prefix", 4))
+        warm = _runner(config("prefix", 4), problems, spec, info)
+        for step in range(args.steps):
+            warm.run_step(step)
+        warm.link.close()
+        for rep in range(args.repeats):
+            for mode in ("position", "prefix"):
+                for n in (1, 2, 4):
+                    runner = _runner(config(mode, n), problems, spec, info)
+                    recs = [runner.run_step(step) for step in range(args.steps)][1:]
+                    runner.link.close()
+                    assert all(r["cache_hit_rate"] == 1.0 for r in recs), "the cache was not warm"
+                    results.setdefault((mode, n), []).extend(recs)
+                    print(f"repeat {rep + 1}/{args.repeats} {mode} N={n}: "
+                          f"{statistics.median(r['time/step'] for r in recs):.3f} s/step", flush=True)
+    finally:
+        server.stop()
+
+    keys = ("time/step", "time/rollout", "time/student_topk", "time/teacher_wait", "time/score_wait",
+            "time/selection_forward", "time/update", "time/weight_push")
+    print(f"\n{args.prompts} prompts x {args.rollouts} rollouts x {args.response_len} tokens per step, warm cache, "
+          f"median over {args.repeats} x {args.steps - 1} timed steps (seconds)")
+    print(f"{'mode':9} {'N':>2} " + " ".join(f"{k[5:]:>17}" for k in keys) + f" {'select share':>12}")
+    summary = {}
+    for (mode, n), recs in sorted(results.items()):
+        med = {k: statistics.median(r[k] for r in recs) for k in keys}
+        share = med["time/selection_forward"] / med["time/step"]
+        summary[f"{mode}/{n}"] = {**med, "selection_share": share}
+        print(f"{mode:9} {n:>2} " + " ".join(f"{med[k]:>17.3f}" for k in keys) + f" {share:>12.1%}")
+    print()
+    for mode, goal in (("position", 1.10), ("prefix", 1.35)):
+        ratio = summary[f"{mode}/4"]["time/step"] / summary[f"{mode}/1"]["time/step"]
+        summary[f"{mode}/ratio_4_1"] = ratio
+        print(f"{mode}: step(4)/step(1) = {ratio:.3f} (goal <= {goal:.2f}; the paper's, regenerating: 1.64)")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
