@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CPU = ["bench_loss_memory", "bench_scoring_memory", "bench_generation", "bench_cache", "bench_server", "bench_update"]
+CPU = ["bench_loss_memory", "bench_scoring_memory", "bench_generation", "bench_cache", "bench_server", "bench_update",
+       "bench_train_step"]
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def launch(config_file: str | None, overrides: Sequence[str], resume: str | None
             config_file = str(saved)
         config, spec = load_train_config(config_file, overrides)
         preflight(config, spec)
+        rendezvous = _rendezvous()
     except (ConfigError, PreflightError, FileNotFoundError) as exc:
         _say(str(exc))
         return 1
@@ -84,26 +86,49 @@ def launch(config_file: str | None, overrides: Sequence[str], resume: str | None
     with tempfile.TemporaryDirectory(prefix="brts-train-") as tmp:
         status = Path(tmp) / "status.json"
         env[STATUS_ENV] = str(status)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={spec.nproc}",
                "-m", "brts.trainer.main", "--config", str(config_path)]
         if resume is not None:
             cmd += ["--resume", resume]
-        try:
-            code = subprocess.call(cmd, env=env)
-        except KeyboardInterrupt:
-            _say(f"interrupted; resume with `brts train --resume {run_dir}`")
-            return 130
+        code = _run_forwarding_signals(cmd, env)
         if status.is_file():
             result = json.loads(status.read_text(encoding="utf-8"))
             if result["code"]:
                 _say(result["message"])
                 return int(result["code"])
-            if not code:
-                return 0
+            return 0  # rank 0 finished (or checkpointed after a SIGTERM) and said so itself
     if code:
         _say(f"a rank failed (torchrun exit {code}); the error is above. Resume with `brts train --resume {run_dir}`")
         return code or 1
     return 0
+
+
+def _rendezvous() -> list[str]:
+    """One node: ``--standalone``. Several: the usual variables, set the same on every node (NNODES, NODE_RANK,
+    MASTER_ADDR, MASTER_PORT), and ``brts train`` run on each (the run_dir on a shared file system)."""
+    nnodes = int(os.environ.get("NNODES", "1"))
+    if nnodes <= 1:
+        return ["--standalone"]
+    missing = [v for v in ("NODE_RANK", "MASTER_ADDR") if v not in os.environ]
+    if missing:
+        raise ConfigError(f"NNODES={nnodes}: also set {', '.join(missing)} (and MASTER_PORT) on every node")
+    return [f"--nnodes={nnodes}", f"--node_rank={os.environ['NODE_RANK']}", f"--master_addr={os.environ['MASTER_ADDR']}",
+            f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun and wait for it. A SIGTERM to this process is passed on (torchrun hands it to the ranks,
+    which checkpoint and exit), so killing the launcher never orphans running ranks. Ctrl-C reaches torchrun
+    from the terminal itself; here it only must not end the wait early."""
+    proc = subprocess.Popen(cmd, env=env)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _has_gpu() -> bool:

@@ -113,6 +113,9 @@ class StepRunner:
                  for sp in prompts]
         gens = self.rollouts.generate([sp.ids for sp in prompts], seeds, cfg.max_response_len, cfg.rollout_temperature)
         rows = [_Row(p, tuple(g.token_ids), g.finish_reason == "stop") for p, per in enumerate(gens) for g in per]
+        sleep = getattr(self.rollouts, "sleep", None)
+        if sleep is not None:
+            sleep(1)  # vLLM on GPU: weights to host, KV cache freed for the forwards and the update (docs/rollouts.md)
         c.time("rollout", time.perf_counter() - t)
         c.add("rows", len(rows))
         c.add("response_tokens", sum(len(r.token_ids) for r in rows))
@@ -191,7 +194,7 @@ class StepRunner:
             c.add("cache_hits", res.cache_hit)
             c.add("candidates", len(res.candidates))
             c.add("tier1_any_correct", any(x.correct for x in pool.tier1))
-            c.add("tier2_drawn", res.tier2_drawn)
+            c.add("tier2_drawn", res.tier2_drawn > 0)
             c.add("tier2_rescued", any(x.correct for x in pool.tier2))
             c.add("tier2_leaked", res.tier2_leaked)
         rows_of: dict[int, list[int]] = {}

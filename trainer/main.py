@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -114,16 +113,19 @@ def train(config_path: str, resume: str | None) -> int:
                     if saved_at != step:
                         save(step)
                     if main:
-                        print(f"brts train: stopped by a signal after step {step}; resume with `brts train --resume "
-                              f"{config.run_dir}`", flush=True)
+                        message = (f"stopped by a signal after step {step}; resume with `brts train --resume "
+                                   f"{config.run_dir}`")
+                        print(f"brts train: {message}", flush=True)
+                        _status(0, message)
                     return 0
         except TrainError as exc:
             if exc.exit_code == EXIT_TEACHER_DOWN and saved_at != step and step > 0:
                 save(step)  # the last finished step: nothing trained is lost
             raise
         if main:
-            print(f"brts train: done, {step} steps; checkpoint {Path(config.run_dir) / 'checkpoints' / 'latest'}",
-                  flush=True)
+            message = f"done, {step} steps; checkpoint {Path(config.run_dir) / 'checkpoints' / 'latest'}"
+            print(f"brts train: {message}", flush=True)
+            _status(0, message)
         return 0
     except TrainError as exc:
         if main and os.environ.get(STATUS_ENV):
@@ -145,17 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="resolved training config (YAML), e.g. RUN_DIR/config.yaml")
     parser.add_argument("--resume", default=None, help="checkpoint or run directory to continue from")
     args = parser.parse_args(argv)
-    t0 = time.monotonic()
     code = train(args.config, args.resume)
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    if os.environ.get(STATUS_ENV):
-        if code == 0 and os.environ.get("RANK", "0") == "0":
-            _status(0, f"finished in {time.monotonic() - t0:.0f} s")
-        return 0
-    return code
+    return 0 if os.environ.get(STATUS_ENV) else code
 
 
 if __name__ == "__main__":

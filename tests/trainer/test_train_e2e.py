@@ -9,6 +9,7 @@ server that dies mid-run ends the run with exit 3 and a checkpoint of the last f
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -71,12 +72,20 @@ def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
     assert (run / "config.yaml").is_file()
 
 
-def test_killed_after_step_two_and_resumed_matches_the_uninterrupted_run(env, uninterrupted):
+def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(env, uninterrupted, tmp_path):
     _, run_a = uninterrupted
     run = env["root"] / "run-b"
-    proc = start_train("--config", str(_config(env, "run-b", save_every=1)), log=env["root"] / "run-b.log")
-    wait_for_step(run, 2, proc)
-    kill_group(proc)  # kill -9 the launcher, torchrun and both ranks, mid step 3
+    proc = start_train("--config", str(_config(env, "run-b", save_every=2)), log=tmp_path / "1.log")
+    wait_for_step(run, 1, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only: it passes it on, the ranks checkpoint and stop
+    assert proc.wait(timeout=120) == 0, (tmp_path / "1.log").read_text()[-3000:]
+    stopped = [x["step"] for x in metrics(run)]
+    assert f"stopped by a signal after step {stopped[-1]}" in (tmp_path / "1.log").read_text()
+    assert (run / "checkpoints" / f"step_{stopped[-1]:06d}" / "COMPLETE").is_file()
+    if stopped[-1] < 2:
+        proc = start_train("--resume", str(run), "save_every=1", log=tmp_path / "2.log")
+        wait_for_step(run, 2, proc)
+        kill_group(proc)  # kill -9 the launcher, torchrun and both ranks, mid step 3
     assert [x["step"] for x in metrics(run)] == [1, 2]
     again = train("--resume", str(run))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
