@@ -42,7 +42,7 @@ def _write_config(config: Any, launch_spec: Any, path: Path) -> None:
 
 def launch(config_file: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
     """The whole ``brts train``: returns the exit code."""
-    from brts.trainer.checkpoint import list_checkpoints, read_meta
+    from brts.trainer.checkpoint import RESUME_MUTABLE_KEYS, config_diff, list_checkpoints, read_meta
     from brts.trainer.main import STATUS_ENV, TEACHER_ENV
     from brts.trainer.preflight import PreflightError, load_train_config, preflight
 
@@ -58,6 +58,18 @@ def launch(config_file: str | None, overrides: Sequence[str], resume: str | None
     except (ConfigError, PreflightError, FileNotFoundError) as exc:
         _say(str(exc))
         return 1
+    if resume is not None:
+        try:
+            saved = read_meta(resume)
+        except FileNotFoundError as exc:
+            _say(str(exc))
+            return 1
+        diff = config_diff(saved.get("config") or config.to_dict(), config.to_dict())
+        if diff:  # said here, before RUN_DIR/config.yaml is rewritten, so the saved config stays the resumable one
+            lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+            _say(f"checkpoint {saved['path']} was saved with a different config: {lines}. Resume with the saved "
+                 f"config (only {', '.join(RESUME_MUTABLE_KEYS)} may change) or start a new run")
+            return 1
     if resume is None and list_checkpoints(config.run_dir):
         _say(f"run_dir {config.run_dir} already holds checkpoints: resume it with `brts train --resume "
              f"{config.run_dir}` or choose another run_dir")

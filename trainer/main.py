@@ -34,6 +34,7 @@ def train(config_path: str, resume: str | None) -> int:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from brts.shared.client import TeacherMismatchError, TeacherUnavailableError
     from brts.shared.data import load_dataset
     from brts.trainer.checkpoint import SigtermCheckpointer, list_checkpoints, load_checkpoint, save_checkpoint
     from brts.trainer.fsdp import init_distributed, shard_student
@@ -68,12 +69,18 @@ def train(config_path: str, resume: str | None) -> int:
         expected = os.environ.get(TEACHER_ENV) or None
         start, state = 0, {}
         if resume is not None:
-            start, state = load_checkpoint(resume, wrapper, optimizer, config_dict=config.to_dict())
+            try:
+                start, state = load_checkpoint(resume, wrapper, optimizer, config_dict=config.to_dict())
+            except (ValueError, FileNotFoundError) as exc:  # a different config, no complete checkpoint
+                raise TrainError(str(exc)) from None
             saved_teacher = state.get("teacher")
             if expected and saved_teacher and saved_teacher != expected:
                 raise TrainError(f"the checkpoint was trained against teacher {saved_teacher[:12]}, the server at "
                                  f"{config.server} serves {expected[:12]}: resume against the same teacher")
-        link = TeacherLink(config, expected)
+        try:
+            link = TeacherLink(config, expected)
+        except (TeacherUnavailableError, TeacherMismatchError) as exc:
+            raise TrainError(str(exc)) from None
         teacher = link.client.info.teacher_fingerprint if link.client.info else ""
         try:
             rollouts = make_rollout_engine(config.rollout_engine, config.student, info.device,

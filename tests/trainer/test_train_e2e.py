@@ -114,7 +114,7 @@ def test_two_concurrent_runs_share_one_server_and_its_cache(env, tmp_path):
     assert sum(x["cache_hit_rate"] for x in two) > 0  # the second run reads what the first made the server generate
 
 
-def test_startup_problems_end_with_one_line(env, tmp_path):
+def test_startup_problems_end_with_one_line(env, uninterrupted, tmp_path):
     down = train("--config", str(_config(env, "down", server=f"127.0.0.1:{free_port()}")))
     assert down.returncode == 1 and "not reachable" in one_line(down.stderr)
 
@@ -131,6 +131,14 @@ def test_startup_problems_end_with_one_line(env, tmp_path):
     unknown = train("--config", str(_config(env, "bad", overlap_mode="diagonal")))
     assert unknown.returncode == 1 and "overlap_mode" in one_line(unknown.stderr)
     assert not (env["root"] / "bad" / "checkpoints").exists()
+
+    _, run_a = uninterrupted  # a resume may change max_steps, save_every, server, ... but not the algorithm
+    saved = (run_a / "config.yaml").read_text()
+    changed = train("--resume", str(run_a), "max_steps=4", "lr=0.5")
+    assert changed.returncode == 1 and "different config: lr: 0.0001 in the checkpoint, 0.5 now" in one_line(changed.stderr)
+    assert (run_a / "config.yaml").read_text() == saved  # still the resumable config
+    nothing = train("--resume", str(tmp_path / "no-such-run"))
+    assert nothing.returncode == 1 and "no-such-run" in one_line(nothing.stderr)
 
 
 def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_path):
