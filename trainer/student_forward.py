@@ -14,35 +14,13 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from brts.trainer.update import _all_max, plan_by_length
 
 __all__ = ["TopKRows", "iter_student_topk", "student_topk"]
 
 TopKRows = tuple[torch.Tensor, torch.Tensor]  # (ids long [R, k], log-probs float32 [R, k]) for one sequence
-
-
-def _plan(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Greedy in order: a micro-batch grows while (sequences × longest length) stays within ``budget``."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _global_max(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 @torch.no_grad()
@@ -54,8 +32,8 @@ def iter_student_topk(wrapper: nn.Module, sequences: Sequence[Sequence[int]], re
     for i, (seq, start) in enumerate(zip(sequences, response_starts, strict=True)):
         if not 1 <= start < len(seq):
             raise ValueError(f"response_starts[{i}]: must be in 1..{len(seq) - 1}, got {start}")
-    plan = _plan([len(s) for s in sequences], budget)
-    rounds = _global_max(len(plan), device)
+    plan = plan_by_length([len(s) for s in sequences], budget)
+    rounds = _all_max(len(plan), device)
     for r in range(rounds):
         batch = plan[r] if r < len(plan) else []
         seqs = [sequences[i] for i in batch] or [[0, 0]]  # a dummy keeps the collectives paired

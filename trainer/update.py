@@ -71,21 +71,25 @@ class StepStats:
     micro_batches: int
 
 
-def pack(seqs: Sequence[Sequence_], budget: int) -> list[list[Sequence_]]:
-    """Greedy, in order: a micro-batch grows while (sequences × longest length) stays within ``budget``."""
-    batches: list[list[Sequence_]] = []
-    current: list[Sequence_] = []
+def plan_by_length(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy, in order: a micro-batch (indices) grows while (sequences × longest length) stays within ``budget``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
     longest = 0
-    for s in seqs:
-        n = int(s.token_ids.numel())
+    for i, n in enumerate(lengths):
         if current and (len(current) + 1) * max(longest, n) > budget:
             batches.append(current)
             current, longest = [], 0
-        current.append(s)
+        current.append(i)
         longest = max(longest, n)
     if current:
         batches.append(current)
     return batches
+
+
+def pack(seqs: Sequence[Sequence_], budget: int) -> list[list[Sequence_]]:
+    """``plan_by_length`` over the sequences' token counts."""
+    return [[seqs[i] for i in batch] for batch in plan_by_length([int(s.token_ids.numel()) for s in seqs], budget)]
 
 
 def _collate(batch: Sequence[Sequence_], k: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,30 +30,8 @@ VOCAB = 151936
 MAX_LEN = 256
 
 
-def build_tiny_qwen2(path: Path, eos_bias: float = 4.0, seed: int = 0) -> "torch.nn.Module":
-    """Tiny fp32 Qwen2 saved with the bundled tokenizer; embedding dim 0 is a constant 1 and lm_head column 0 is
-    zero except ``eos_bias`` at <|im_end|>, so EOS has probability ~0.2 per step at T=1 (same as
-    tests/server/test_vllm_engine.py)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from brts.shared.tokenizer import load_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.1,
-        eos_token_id=EOS, bos_token_id=EOS2, pad_token_id=EOS2,
-    )
-    model = Qwen2ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[EOS, 0] = eos_bias
-        model.lm_head.weight[EOS2, 0] = min(eos_bias, 0.0)
-    model.save_pretrained(path)
-    GenerationConfig(eos_token_id=[EOS, EOS2], bos_token_id=EOS2, pad_token_id=EOS2).save_pretrained(path)
-    load_tokenizer("qwen2.5-instruct").save_pretrained(path)
-    return model
+sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+from test_vllm_engine import build_tiny_qwen2  # noqa: E402  (the same tiny model the teacher's vLLM tests use)
 
 
 def _free_port() -> int:
