@@ -40,20 +40,9 @@ from brts.cli_train import train  # noqa: E402 - a command of its own module, re
 main.add_command(train)
 
 
-@main.command(name="eval")
-@click.option("--model", type=click.Path(), help="Student model directory or checkpoint export.")
-@click.option("--benchmarks", default="aime24,aime25,amc23", show_default=True, help="Comma-separated bundled sets.")
-@click.option("--dataset", type=click.Path(dir_okay=False), help="Any JSONL/parquet with problem and answer columns.")
-@click.option("--n", type=int, default=4, show_default=True, help="Samples per problem.")
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--max-new-tokens", type=int, default=31744, show_default=True)
-@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first L problems of each set.")
-@click.option("--out", type=click.Path(file_okay=False), default="eval-out", show_default=True)
-def eval_(**_: object) -> None:
-    """Evaluate a model on AIME 2024/2025 and AMC 2023: mean@n, pass@n, majority@n and the paper's bootstrap."""
-    _not_yet("eval", 9, "evaluation")
+from brts.cli_eval import eval_  # noqa: E402 - a command of its own module, registered here
+
+main.add_command(eval_)
 
 
 from brts.cli_cache import cache  # noqa: E402 - a group of its own module, registered here
