@@ -55,7 +55,14 @@ main.add_command(cache)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write plots [RUN_DIR/report].")
 def report(run_dirs: tuple[str, ...], out: str | None) -> None:
     """Plots and a Markdown summary of one or several runs, side by side."""
-    _not_yet("report", 9, "run reports")
+    from brts.trainer.report import write_report
+
+    try:
+        files = write_report(run_dirs, out)
+    except (FileNotFoundError, ValueError) as exc:
+        click.echo(f"brts report: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"brts report: wrote {', '.join(str(f) for f in files)}")
 
 
 @main.command()

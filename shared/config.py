@@ -290,6 +290,12 @@ class TrainConfig(_Validated):
     server_tls_ca: str | None = None
     server_retries: int = 8
     wandb_project: str | None = None
+    eval_benchmarks: tuple[str, ...] = BENCHMARKS
+    eval_n: int = 4
+    eval_temperature: float = 0.7
+    eval_top_p: float = 0.95
+    eval_max_new_tokens: int = 0  # 0: max_response_len
+    eval_limit: int | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -297,6 +303,12 @@ class TrainConfig(_Validated):
         self.require(bool(self.student.strip()), "student", "must be a model directory")
         self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
+        for name in self.eval_benchmarks:
+            if name not in BENCHMARKS:
+                self.fail("eval_benchmarks", f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
+        self.require(self.eval_n >= 1, "eval_n", "must be >= 1")
+        self.require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", "must be >= 0 (0 = max_response_len)")
+        self.require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1 when set")
         self.require(":" in self.server, "server", "must be HOST:PORT")
         self.require(self.max_steps >= 1, "max_steps", "must be >= 1")
         self.require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")

@@ -135,3 +135,25 @@ def evaluate(config: EvalConfig, engine: Any | None = None, progress: bool = Tru
                 for s in r.samples:
                     f.write(json.dumps(s) + "\n")
     return results
+
+
+def evaluate_in_training(config: Any, engine: Any, spec: Any, step: int, progress: bool = False) -> dict[str, float]:
+    """`brts train`'s periodic evaluation (``eval_every``): the same code as `brts eval`, on the rollout engine's
+    live weights, with the training prompt format; returns ``{"eval/aime24/mean@4": ..., ...}`` for the step's
+    metrics line and writes the samples to ``RUN_DIR/eval/step_N.jsonl``."""
+    eval_config = EvalConfig(model=config.student, benchmarks=tuple(config.eval_benchmarks), n=config.eval_n,
+                             temperature=config.eval_temperature, top_p=config.eval_top_p,
+                             max_new_tokens=config.eval_max_new_tokens or config.max_response_len,
+                             engine="hf", limit=config.eval_limit, seed=config.seed)
+    out: dict[str, float] = {}
+    folder = Path(config.run_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"step_{step:06d}.jsonl", "w", encoding="utf-8") as f:
+        for name, probs in load_benchmarks(eval_config).items():
+            result = run_benchmark(name, probs, engine, spec, eval_config, progress=progress)
+            for key, value in result.scores.items():
+                if key not in ("problems", "n"):
+                    out[f"eval/{name}/{key}"] = float(value)
+            for s in result.samples:
+                f.write(json.dumps(s) + "\n")
+    return out

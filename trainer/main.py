@@ -29,6 +29,13 @@ def _status(code: int, message: str) -> None:
         Path(path).write_text(json.dumps({"code": code, "message": message}) + "\n", encoding="utf-8")
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def train(config_path: str, resume: str | None) -> int:
     """Set up, run the steps, tear down; returns the exit code (rank 0 prints the outcome)."""
     from transformers import AutoModelForCausalLM
@@ -37,6 +44,7 @@ def train(config_path: str, resume: str | None) -> int:
     from brts.shared.client import TeacherMismatchError, TeacherUnavailableError
     from brts.shared.data import load_dataset
     from brts.trainer.checkpoint import SigtermCheckpointer, list_checkpoints, load_checkpoint, save_checkpoint
+    from brts.trainer.evaluate import evaluate_in_training
     from brts.trainer.fsdp import init_distributed, shard_student
     from brts.trainer.loop import StepRunner, TrainError, full_state_for_rollouts
     from brts.trainer.metrics import MetricsWriter, console_line
@@ -109,6 +117,14 @@ def train(config_path: str, resume: str | None) -> int:
             while step < config.max_steps:
                 rec = runner.run_step(step)
                 step += 1
+                if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
+                    if main:
+                        evals = evaluate_in_training(config, rollouts.engine, spec, step)
+                        if rec is not None:
+                            rec.update(evals)
+                        print("brts train: eval " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in evals.items()
+                                                             if "/mean@" in k), flush=True)
+                    _barrier()  # the other ranks wait for rank 0's evaluation
                 if config.save_every and step % config.save_every == 0 or step == config.max_steps:
                     save(step)
                     saved_at = step

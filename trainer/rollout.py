@@ -74,6 +74,11 @@ class HFRollouts:
                 continue
             tensor.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
 
+    @property
+    def engine(self) -> Any:
+        """The generation engine on the live weights (in-training evaluation samples through it)."""
+        return self._engine
+
     def close(self) -> None:
         self._engine.close()
 

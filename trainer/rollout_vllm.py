@@ -180,6 +180,12 @@ class VLLMRollouts:
                     for p, sd in zip(prompts, seeds)]
         return self._engine.generate(requests, SamplingParams(temperature, 1.0, -1, max_new_tokens))
 
+    @property
+    def engine(self) -> Any:
+        """The generation engine on the live weights, awake (in-training evaluation samples through it)."""
+        self.wake_up()
+        return self._engine
+
     # ------------------------------------------------------------------ weights
 
     def _check_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_env import (ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
+from train_env import (BRTS, ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
                        train, wait_for_step, write_config, write_problems)
 
 METRIC_KEYS = {
@@ -46,7 +47,8 @@ def _config(env, name: str, **values) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(env):
-    r = train("--config", str(_config(env, "run-a", save_every=1)))
+    r = train("--config", str(_config(env, "run-a", save_every=1, eval_every=3, eval_benchmarks=["amc23"], eval_limit=2,
+                                      eval_n=2, eval_max_new_tokens=8)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, env["root"] / "run-a"
 
@@ -66,6 +68,11 @@ def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
         assert abs(rec["tier/1"] + rec["tier/2"] + rec["tier/3"] + rec["tier/skip"] - 1) < 1e-9
         assert rec["time/step"] >= rec["time/update"] > 0 and rec["tokens_per_s"] > 0
     assert recs[0]["loss"] != recs[-1]["loss"]
+    # in-training evaluation at the last step (eval_every=3): the same code as `brts eval`, merged into the line
+    assert "eval/amc23/mean@2" in recs[2] and "eval/amc23/maj@2_bootstrap" in recs[2]
+    assert not any(k.startswith("eval/") for k in recs[1])
+    evaluated = (run / "eval" / "step_000003.jsonl").read_text().splitlines()
+    assert len(evaluated) == 2 * 2 and "brts train: eval amc23/mean@2" in r.stdout
     assert (run / "checkpoints" / "step_000003" / "COMPLETE").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
     assert list((run / "tb").glob("events.out.tfevents.*"))
@@ -94,6 +101,15 @@ def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(env, unin
     assert [x["step"] for x in b] == [1, 2, 3]
     for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm"):
         assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-7), key
+    # `brts report` on the two runs side by side (run-a also evaluated in training)
+    report = subprocess.run([*BRTS, "report", str(run_a), str(run), "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    for name in ("losses.png", "tiers.png", "overlap.png", "cache_hits.png", "eval.png"):
+        png = tmp_path / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| run-a | 3 |" in summary and "| run-b | 3 |" in summary and "amc23" in summary
     # a fresh start on a run_dir with checkpoints is refused, not overwritten
     refused = train("--config", str(env["root"] / "run-b.yaml"))
     assert refused.returncode == 1 and "already holds checkpoints" in one_line(refused.stderr)
