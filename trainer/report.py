@@ -110,6 +110,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
         fig, axes = plt.subplots(1, len(eval_keys), figsize=(5 * len(eval_keys), 4), squeeze=False)
         for ax, key in zip(axes[0], eval_keys):
             _lines(ax, runs, [(key, key.split("/", 2)[2], "-")], "accuracy")
+            ax.set_ylim(-0.02, 1.02)
             ax.set_title(key.split("/")[1], fontsize=9)
         save(fig, "eval.png")
 
