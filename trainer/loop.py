@@ -152,7 +152,7 @@ class StepRunner:
             c.time("score_wait", time.perf_counter() - t)
         if not _agree_ok(ok, self.device):
             raise TrainError(f"teacher server {cfg.server} stopped answering ({why or 'on another rank'}); "
-                             "restart `brts serve` and resume with `brts train --resume RUN_DIR`", exit_code=3)
+                             f"restart `brts serve` and resume with `brts train --resume {cfg.run_dir}`", exit_code=3)
         tc = self._teacher_sequences(prompts, rows, choices, c)
 
         t = time.perf_counter()
