@@ -269,7 +269,8 @@ def make_prompts(n: int, samples: int, length: int, seed: int, offset: int = 0) 
 def bench_hit(args: argparse.Namespace) -> dict[str, float]:
     from brts.proto import teacher_pb2
     from brts.server.app import RunningServer
-    from brts.server.service import prompt_message
+    from brts.server.service import reply_for
+    from brts.server.wire import serialize_reply
     from brts.shared.client import TeacherClient, _candidates
 
     k = args.k
@@ -299,18 +300,18 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
             msgs: list[Any] = []
             wire: list[bytes] = []
 
-            def build() -> None:
-                msgs[:] = [prompt_message(s) for s in snapshot]
+            def build() -> None:  # what the server yields for brts.shared.client (packed tokens, pre-encoded)
+                msgs[:] = [reply_for(s, packed_tokens=True) for s in snapshot]
 
             def serialize() -> None:
-                wire[:] = [m.SerializeToString() for m in msgs]
+                wire[:] = [serialize_reply(m) for m in msgs]
 
             def parse() -> list[Any]:
                 return [_candidates(teacher_pb2.PromptCandidates.FromString(b)) for b in wire]
 
             pieces = {}
-            for name, fn in (("prompt_message x prompts (server build)", build),
-                             ("SerializeToString (gRPC's, server side)", serialize),
+            for name, fn in (("reply_for x prompts (server build + encode)", build),
+                             ("serialize_reply (gRPC's, server side)", serialize),
                              ("FromString + client decode (_candidates)", parse)):
                 run = off_main(fn)
                 run()

@@ -51,21 +51,23 @@ class PromptRequest(_message.Message):
     def __init__(self, prompt_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., ground_truth: _Optional[str] = ..., n_tier1: _Optional[int] = ..., n_tier2: _Optional[int] = ..., pool_offset: _Optional[int] = ..., perturbation: _Optional[str] = ..., perturb_slot: _Optional[int] = ...) -> None: ...
 
 class CandidatesRequest(_message.Message):
-    __slots__ = ("prompts", "sampling", "logprob_k", "expected_teacher", "cache_only")
+    __slots__ = ("prompts", "sampling", "logprob_k", "expected_teacher", "cache_only", "packed_tokens")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_K_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_TEACHER_FIELD_NUMBER: _ClassVar[int]
     CACHE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PACKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[PromptRequest]
     sampling: Sampling
     logprob_k: int
     expected_teacher: str
     cache_only: bool
-    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptRequest, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., logprob_k: _Optional[int] = ..., expected_teacher: _Optional[str] = ..., cache_only: _Optional[bool] = ...) -> None: ...
+    packed_tokens: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptRequest, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., logprob_k: _Optional[int] = ..., expected_teacher: _Optional[str] = ..., cache_only: _Optional[bool] = ..., packed_tokens: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("tier", "index", "token_ids", "answer", "correct", "leaked", "finish_reason", "topk_ids", "topk_logprobs", "cached")
+    __slots__ = ("tier", "index", "token_ids", "answer", "correct", "leaked", "finish_reason", "topk_ids", "topk_logprobs", "cached", "token_ids_packed")
     TIER_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class Candidate(_message.Message):
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_PACKED_FIELD_NUMBER: _ClassVar[int]
     tier: int
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -86,7 +89,8 @@ class Candidate(_message.Message):
     topk_ids: Array
     topk_logprobs: Array
     cached: bool
-    def __init__(self, tier: _Optional[int] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., leaked: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    token_ids_packed: Array
+    def __init__(self, tier: _Optional[int] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., leaked: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., cached: _Optional[bool] = ..., token_ids_packed: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class PromptCandidates(_message.Message):
     __slots__ = ("prompt_id", "candidates", "tier2_drawn", "tier2_leaked", "cache_hit", "seconds", "missing")

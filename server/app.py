@@ -19,9 +19,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from brts.proto import teacher_pb2, teacher_pb2_grpc
+from brts.proto import teacher_pb2
 from brts.server.runtime import TeacherRuntime, build_runtime
 from brts.server.service import TeacherService
+from brts.server.wire import serialize_reply
 from brts.shared.config import ServerConfig
 
 log = logging.getLogger("brts.serve")
@@ -70,6 +71,24 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
 
 
+def _add_service(service: TeacherService, server: grpc.Server) -> None:
+    """``add_TeacherServiceServicer_to_server`` with one change: GetCandidates' serializer lets the pre-encoded
+    replies of ``wire.encode_prompt`` through (generated code cannot be edited; it is regenerated)."""
+    handlers = {
+        "GetCandidates": grpc.unary_stream_rpc_method_handler(
+            service.GetCandidates, request_deserializer=teacher_pb2.CandidatesRequest.FromString,
+            response_serializer=serialize_reply),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            service.Score, request_deserializer=teacher_pb2.ScoreRequest.FromString,
+            response_serializer=teacher_pb2.ScoreReply.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            service.Info, request_deserializer=teacher_pb2.InfoRequest.FromString,
+            response_serializer=teacher_pb2.InfoReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class RunningServer:
     """A started server: ``port`` is the bound one (``port=0`` picks a free port)."""
 
@@ -80,7 +99,7 @@ class RunningServer:
         self.server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="brts-rpc"),
                                   options=GRPC_OPTIONS, interceptors=interceptors)
         self.service = TeacherService(runtime, window_s)
-        teacher_pb2_grpc.add_TeacherServiceServicer_to_server(self.service, self.server)
+        _add_service(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

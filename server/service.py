@@ -25,6 +25,7 @@ from brts.server.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime
 from brts.server.validation import Limits, RequestError, candidates_call, score_items
+from brts.server.wire import encode_prompt
 from brts.shared.topk import to_proto
 
 log = logging.getLogger("brts.serve")
@@ -100,8 +101,10 @@ class Coalescer:
             at += len(sub.payload)
 
 
-def prompt_message(served: ServedPrompt) -> Any:
-    """A ``PromptCandidates`` built from what the cache decoded from its stored bytes."""
+def prompt_message(served: ServedPrompt, packed_tokens: bool = False) -> Any:
+    """A ``PromptCandidates`` built from what the cache decoded from its stored bytes. ``packed_tokens``: the
+    tokens as one int32 Array (``token_ids_packed``) instead of a repeated field, about 5x cheaper to build and
+    to parse for long responses (issue #5's hit path)."""
     msg = teacher_pb2.PromptCandidates(
         prompt_id=served.prompt_id, tier2_drawn=served.tier2_drawn, tier2_leaked=served.tier2_leaked,
         cache_hit=served.cache_hit, seconds=served.seconds, missing=served.missing,
@@ -109,11 +112,20 @@ def prompt_message(served: ServedPrompt) -> Any:
     for c in served.candidates:
         cand = msg.candidates.add(tier=c.tier, index=c.index, answer=c.answer or "", correct=c.correct,
                                   leaked=c.leaked, finish_reason=c.finish_reason, cached=c.cached)
-        cand.token_ids.extend(c.token_ids.tolist())
+        if packed_tokens:
+            to_proto(c.token_ids, "int32", cand.token_ids_packed)
+        else:
+            cand.token_ids.extend(c.token_ids.tolist())
         if c.topk is not None:
             to_proto(c.topk.ids, "int32", cand.topk_ids)
             to_proto(c.topk.logprobs, c.topk.logprobs.dtype.name, cand.topk_logprobs)
     return msg
+
+
+def reply_for(served: ServedPrompt, packed_tokens: bool) -> Any:
+    """What GetCandidates yields: pre-encoded bytes for clients that take packed tokens (``wire.encode_prompt``,
+    the fast path), a message for the others."""
+    return encode_prompt(served) if packed_tokens else prompt_message(served)
 
 
 def score_message(output: ScoreOutput) -> Any:
@@ -199,7 +211,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         try:
             for job, served in self._snapshot(call):
                 if served.missing == 0 or call.cache_only:
-                    yield prompt_message(served)
+                    yield reply_for(served, call.packed_tokens)
                 else:
                     pending.append(job)
         except Exception as exc:  # noqa: BLE001
@@ -214,7 +226,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
             self._abort(context, exc, "GetCandidates")
             return
         for served in results:
-            yield prompt_message(served)
+            yield reply_for(served, call.packed_tokens)
 
     def Score(self, request: Any, context: Any) -> Any:  # noqa: N802
         try:

@@ -44,6 +44,7 @@ class CandidatesCall:
     seed: int
     k: int
     cache_only: bool
+    packed_tokens: bool = False
 
 
 def _check_ids(ids: Sequence[int], field: str, limits: Limits) -> None:
@@ -115,7 +116,7 @@ def candidates_call(request: Any, default: SamplingParams, default_seed: int, li
             raise RequestError(f"{f}.perturb_slot: must be in 0..{p.n_tier1 - 1}, got {p.perturb_slot}")
         jobs.append(PromptJob(p.prompt_id, tuple(int(t) for t in p.prompt_ids), p.ground_truth, p.n_tier1, p.n_tier2,
                               p.pool_offset, p.perturbation or None, p.perturb_slot))
-    return CandidatesCall(jobs, sampling, seed, k, bool(request.cache_only))
+    return CandidatesCall(jobs, sampling, seed, k, bool(request.cache_only), bool(request.packed_tokens))
 
 
 def score_items(request: Any, limits: Limits) -> tuple[list[ScoreItem], int]:

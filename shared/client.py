@@ -106,8 +106,11 @@ def _candidates(msg: Any) -> PromptCandidates:
     cands = []
     for c in msg.candidates:
         has = bool(c.topk_ids.dtype)
+        # a writable copy (16 KB for 4,096 tokens): callers index and convert it like the repeated field's array
+        tokens = from_proto(c.token_ids_packed, "token_ids_packed").copy() if c.token_ids_packed.dtype else \
+            np.asarray(c.token_ids, dtype=np.int32)
         cands.append(Candidate(
-            c.tier, c.index, np.asarray(c.token_ids, dtype=np.int32), c.answer, c.correct, c.leaked, c.finish_reason,
+            c.tier, c.index, tokens, c.answer, c.correct, c.leaked, c.finish_reason,
             from_proto(c.topk_ids, "topk_ids") if has else None,
             from_proto(c.topk_logprobs, "topk_logprobs") if has else None, c.cached,
         ))
@@ -199,7 +202,7 @@ class TeacherClient:
                     n_tier1=p.n_tier1, n_tier2=p.n_tier2, pool_offset=p.pool_offset, perturbation=p.perturbation,
                     perturb_slot=p.perturb_slot) for p in left.values()],
                 sampling=(sampling or Sampling()).message(), logprob_k=logprob_k,
-                expected_teacher=self.expected_teacher or "", cache_only=cache_only)
+                expected_teacher=self.expected_teacher or "", cache_only=cache_only, packed_tokens=True)
             try:
                 for msg in self._stub.GetCandidates(request, timeout=self.timeout_s, metadata=self._metadata):
                     left.pop(msg.prompt_id, None)

@@ -32,11 +32,11 @@ def test_field_numbers_match_the_contract():
     }
     # fields are only ever added: cache_only (5) and PromptCandidates.missing (7) came with the server (issue #5)
     assert _numbers(teacher_pb2.CandidatesRequest) == {
-        "prompts": 1, "sampling": 2, "logprob_k": 3, "expected_teacher": 4, "cache_only": 5,
+        "prompts": 1, "sampling": 2, "logprob_k": 3, "expected_teacher": 4, "cache_only": 5, "packed_tokens": 6,
     }
     assert _numbers(teacher_pb2.Candidate) == {
         "tier": 1, "index": 2, "token_ids": 3, "answer": 4, "correct": 5, "leaked": 6, "finish_reason": 7,
-        "topk_ids": 8, "topk_logprobs": 9, "cached": 10,
+        "topk_ids": 8, "topk_logprobs": 9, "cached": 10, "token_ids_packed": 11,
     }
     assert _numbers(teacher_pb2.PromptCandidates) == {
         "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6, "missing": 7,

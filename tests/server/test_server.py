@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_proc import ServerProcess  # noqa: E402
 
-from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402
+from brts.proto import teacher_pb2, teacher_pb2_grpc
+from brts.shared.topk import from_proto  # noqa: E402
 from brts.server.toy import make_problems, toy_prompt_spec  # noqa: E402
 from brts.shared.client import Prompt, TeacherClient, TeacherMismatchError, TeacherUnavailableError  # noqa: E402
 from brts.shared.topk import to_proto  # noqa: E402
@@ -77,6 +78,28 @@ def test_four_clients_one_generation(server, toy_tokenizer):
     assert len(results) == 4 and len({tuple(_wire([r])[0][1]) for r in results}) == 1
     assert sum(not r.cache_hit for r in results) >= 1
     # the per-process counters are checked at the end (test_stop_reports_counts): 4 entries, not 16
+
+
+def test_packed_tokens_carry_the_same_tokens_and_plain_clients_still_get_the_repeated_field(server, prompts):
+    """`packed_tokens` (what brts.shared.client asks for) is additive: an older client that does not set it gets
+    the repeated `token_ids` field as before, with the same tokens."""
+    channel, stub = _raw_stub(server)
+    with channel:
+        def ask(packed):
+            req = teacher_pb2.CandidatesRequest(prompts=[teacher_pb2.PromptRequest(
+                prompt_id=p.prompt_id, prompt_ids=list(p.prompt_ids), ground_truth=p.ground_truth, n_tier1=p.n_tier1,
+                n_tier2=p.n_tier2) for p in prompts], logprob_k=4, packed_tokens=packed)
+            return {m.prompt_id: m for m in stub.GetCandidates(req, timeout=120)}
+
+        plain, packed = ask(False), ask(True)
+    assert plain.keys() == packed.keys()
+    for pid, msg in plain.items():
+        assert len(msg.candidates) == len(packed[pid].candidates) > 0
+        for a, b in zip(msg.candidates, packed[pid].candidates):
+            assert not a.token_ids_packed.dtype and len(a.token_ids) > 0
+            assert len(b.token_ids) == 0 and b.token_ids_packed.dtype == "int32"
+            assert from_proto(b.token_ids_packed).tolist() == list(a.token_ids)
+            assert a.topk_ids == b.topk_ids and a.answer == b.answer
 
 
 def _raw_stub(server):
