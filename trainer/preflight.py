@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from brts.shared.config import ConfigError, TrainConfig, _Validated, from_dict, parse_overrides
+from brts.shared.config import ConfigError, TrainConfig, _merge, _Validated, from_dict, parse_overrides
 
 __all__ = [
     "CONFIG_DIR",
@@ -133,16 +133,6 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {p}: must hold a mapping of settings, got {type(loaded).__name__}")
     return loaded or {}
-
-
-def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
