@@ -398,6 +398,21 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(p: Path) -> dict[str, Any]:
+    """A YAML file's mapping of settings; ConfigError naming the file (and the line) for anything else."""
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p}: cannot be read ({exc.__class__.__name__}: {exc})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: must hold a mapping of settings, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> C:
     """Build ``cls`` from a YAML file (optional), then keyword ``values``, then ``key=value`` overrides (last wins)."""
     data: dict[str, Any] = {}
@@ -405,15 +420,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p}: does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: must hold a mapping of settings, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_config_file(p)
     data = _merge(data, {k: v for k, v in values.items() if v is not None})
     data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
 
-from brts.shared.config import ConfigError, TrainConfig, _merge, _Validated, from_dict, parse_overrides
+from brts.shared.config import (ConfigError, TrainConfig, _merge, _Validated, from_dict, parse_overrides,
+                                read_config_file)
 
 __all__ = [
     "CONFIG_DIR",
@@ -121,26 +121,12 @@ def resolve_config(path: str | os.PathLike[str]) -> Path:
     raise ConfigError(f"config file {p}: does not exist (shipped configs: {names})")
 
 
-def _read_yaml(p: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {p}: cannot be read ({exc.__class__.__name__}: {exc})") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file {p}: must hold a mapping of settings, got {type(loaded).__name__}")
-    return loaded or {}
-
-
 def load_train_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
                       **values: Any) -> tuple[TrainConfig, LaunchSpec]:
     """Build (TrainConfig, LaunchSpec) from a YAML file (or a shipped config's name), then keyword ``values``
     (None ignored), then ``key=value`` overrides; ``launch.*`` keys go to the LaunchSpec. Raises ConfigError
     naming the field (``train.lr: must be > 0, got -1.0``, ``launch.nproc: must be >= 1, got 0``)."""
-    data: dict[str, Any] = _read_yaml(resolve_config(path)) if path is not None else {}
+    data: dict[str, Any] = read_config_file(resolve_config(path)) if path is not None else {}
     data = _merge(data, {k: v for k, v in values.items() if v is not None})
     data = _merge(data, parse_overrides(overrides))
     launch = data.pop("launch", None)
