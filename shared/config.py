@@ -296,11 +296,15 @@ class TrainConfig(_Validated):
     eval_top_p: float = 0.95
     eval_max_new_tokens: int = 0  # 0: max_response_len
     eval_limit: int | None = None
+    eval_dataset: str | None = None  # a JSONL/parquet of problem/answer rows evaluated beside eval_benchmarks
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self) -> None:
         self.require(bool(self.student.strip()), "student", "must be a model directory")
+        if self.eval_every:
+            self.require(bool(self.eval_benchmarks) or bool(self.eval_dataset), "eval_benchmarks",
+                         "must name at least one benchmark or set eval_dataset when eval_every > 0")
         self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
         for name in self.eval_benchmarks:

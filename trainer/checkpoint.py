@@ -77,7 +77,8 @@ FORMAT_VERSION = 1
 RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server",
                                         "launch", "keep_checkpoints", "server_token_file", "server_tls_ca",
                                         "server_retries", "wandb_project", "eval_benchmarks", "eval_n",
-                                        "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_limit")
+                                        "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_limit",
+                                        "eval_dataset")
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -144,7 +144,8 @@ def evaluate_in_training(config: Any, engine: Any, spec: Any, step: int, progres
     eval_config = EvalConfig(model=config.student, benchmarks=tuple(config.eval_benchmarks), n=config.eval_n,
                              temperature=config.eval_temperature, top_p=config.eval_top_p,
                              max_new_tokens=config.eval_max_new_tokens or config.max_response_len,
-                             engine="hf", limit=config.eval_limit, seed=config.seed)
+                             engine="hf", limit=config.eval_limit, seed=config.seed,
+                             dataset=getattr(config, "eval_dataset", None))
     out: dict[str, float] = {}
     folder = Path(config.run_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)

@@ -326,10 +326,13 @@ def _in_hf_cache(name: str) -> bool:
 def _check_dataset(config: TrainConfig) -> list[str]:
     from brts.shared.data import DAPO_NAMES, EVAL_SETS
 
-    if config.dataset in DAPO_NAMES or config.dataset in EVAL_SETS or Path(config.dataset).expanduser().is_file():
-        return []
-    return [f"dataset: {config.dataset} is not a bundled name ({', '.join((*DAPO_NAMES, *EVAL_SETS))}) "
-            "and no such file"]
+    problems = []
+    if not (config.dataset in DAPO_NAMES or config.dataset in EVAL_SETS or Path(config.dataset).expanduser().is_file()):
+        problems.append(f"dataset: {config.dataset} is not a bundled name ({', '.join((*DAPO_NAMES, *EVAL_SETS))}) "
+                        "and no such file")
+    if config.eval_every and config.eval_dataset and not Path(config.eval_dataset).expanduser().is_file():
+        problems.append(f"eval_dataset: {config.eval_dataset} is no such file (a JSONL or parquet of problem/answer rows)")
+    return problems
 
 
 def _check_run_dir(config: TrainConfig) -> list[str]:
