@@ -40,6 +40,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -198,6 +203,11 @@ def bench_read(args: argparse.Namespace) -> None:
     print(f"ratios: decoded/raw throughput (payload MB/s over the raw read's payload-equivalent MB/s): "
           f"read+decode {t_raw / t_read_decode:.3f}, CandidateCache.get {t_raw / t_serve:.3f}, "
           f"decode alone {t_raw / t_decode:.3f}")
+    size = f"{args.prompts}x{args.samples}x{tokens}, K={k}"
+    emit(*(Row("cache", f"warm read payload MB/s ({size})", f"{name} vs raw LMDB read", t_raw / t, None,
+               f"{payload / MB / t:,.0f} vs {payload / MB / t_raw:,.0f} MB/s",
+               {"path_ms": t * 1e3, "raw_ms": t_raw * 1e3, "payload_mb": payload / MB})
+           for name, t in (("read + decode_entry", t_read_decode), ("CandidateCache.get", t_serve))))
 
 
 # ---------------------------------------------------------------------------------------------------- (ii) real
@@ -302,6 +312,11 @@ def bench_size(args: argparse.Namespace) -> None:
               f"other (meta, main db, free) {total - sum(pages.values())}")
     f16, f32 = rows[0][4], rows[1][4]
     print(f"ratio: float32/float16 value bytes {f32 / f16:.2f}")
+    _, n, tokens, _, per_value, per_mdb, raw, _, _ = rows[0]
+    emit(Row("cache", f"stored value bytes/token, toy teacher, K={k} (goal <= 60 B/token)",
+             "float16 values vs raw arrays", per_value / raw, "<= 0.60", f"{per_value:.1f} vs {raw} B/token",
+             {"value_b_per_token": per_value, "raw_b_per_token": raw, "data_mdb_b_per_token": per_mdb,
+              "entries": n, "tokens": tokens, "float32_value_b_per_token": f32}))
 
 
 def main(argv: list[str] | None = None) -> int:

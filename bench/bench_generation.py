@@ -25,6 +25,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -147,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['stopped_early']:>15}")
     by = {r["engine"]: r for r in rows}
     if "hf" in by and "vllm" in by:
-        print(f"\nthroughput ratio vllm / hf: {by['vllm']['tok_s'] / by['hf']['tok_s']:.2f}x")
+        vllm, hf = by["vllm"], by["hf"]
+        print(f"\nthroughput ratio vllm / hf: {vllm['tok_s'] / hf['tok_s']:.2f}x")
+        emit(Row("generation", f"candidate generation tokens/s ({args.prompts}x{args.samples}x{args.new_tokens})",
+                 "vllm vs hf", vllm["tok_s"] / hf["tok_s"], None, f"{vllm['tok_s']:,.0f} vs {hf['tok_s']:,.0f} tok/s",
+                 {"vllm_tok_s": vllm["tok_s"], "hf_tok_s": hf["tok_s"], "vllm_s": vllm["seconds"],
+                  "hf_s": hf["seconds"], "tokens": vllm["tokens"]}))
     if tmp is not None:
         tmp.cleanup()
     return 0

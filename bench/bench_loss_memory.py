@@ -27,6 +27,11 @@ import subprocess
 import sys
 import time
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 GIB = 1024**3
 
 
@@ -146,6 +151,17 @@ def main() -> None:
     )
     logits_gib = args.tokens * args.vocab * 4 / GIB
     print(f"(one fp32 [T, V] logits tensor at 1x{args.tokens}: {logits_gib:.2f} GiB; one chunk: {args.chunk * args.vocab * 4 / GIB:.3f} GiB)")
+    n_above, c_above = (naive["peak"] - naive["baseline"]) / GIB, (chunked["peak"] - chunked["baseline"]) / GIB
+    case = f"1x{args.tokens}, V={args.vocab:,}"
+    emit(
+        Row("loss_memory", f"fwd+bwd {unit} above baseline ({case})", "chunked vs naive", above, "<= 0.25",
+            f"{c_above:.2f} vs {n_above:.2f} GiB",
+            {"chunked_above_gib": c_above, "naive_above_gib": n_above, "chunked_peak_gib": chunked["peak"] / GIB,
+             "naive_peak_gib": naive["peak"] / GIB}),
+        Row("loss_memory", f"fwd+bwd time ({case})", "chunked vs naive", chunked["time"] / naive["time"], None,
+            f"{chunked['time']:.2f} vs {naive['time']:.2f} s",
+            {"chunked_s": chunked["time"], "naive_s": naive["time"]}),
+    )
 
 
 if __name__ == "__main__":

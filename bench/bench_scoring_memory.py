@@ -27,6 +27,11 @@ import sys
 import tempfile
 import time
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 MIB = 1024**2
 
 
@@ -135,6 +140,11 @@ def main() -> None:
     print(f"max |top-K log-prob difference| scorer vs naive: {diff:.2e}")
     ratio = s_peak / n_peak if n_peak > 0 else float("nan")
     print(f"ratio scorer/naive = {ratio:.3f}  (goal <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'})")
+    emit(Row("scoring_memory", f"peak {'alloc' if cuda else 'RSS'} above baseline, scoring {args.tokens:,} tokens "
+             f"(V={args.vocab:,})", "TorchScorer vs naive full logits", ratio, "<= 0.25",
+             f"{s_peak / MIB:,.0f} vs {n_peak / MIB:,.0f} MiB",
+             {"scorer_mib": s_peak / MIB, "naive_mib": n_peak / MIB, "scorer_s": scorer["seconds"],
+              "naive_s": naive["seconds"], "max_topk_abs_diff": diff}))
 
 
 if __name__ == "__main__":

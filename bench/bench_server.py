@@ -59,6 +59,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" / "Loading weights" bars
@@ -360,6 +365,11 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
     ratio = md / ms
     print(f"ratio server/direct throughput: {ratio:.2f} of medians, {min(t_direct) / min(t_server):.2f} of best times "
           f"(goal >= 0.5: {'met' if ratio >= 0.5 else 'NOT met'})")
+    emit(Row("server", f"hit path payload MB/s ({len(jobs)}x{args.samples}x{args.hit_tokens}, K={k}, loopback)",
+             "GetCandidates vs cache.get in process", ratio, ">= 0.5",
+             f"{payload / MB / ms:,.0f} vs {payload / MB / md:,.0f} MB/s",
+             {"server_ms": ms * 1e3, "direct_ms": md * 1e3, "payload_mb": payload / MB, "wire_mb": wire_bytes / MB,
+              "best_times_ratio": min(t_direct) / min(t_server), "repeats": args.repeats}))
     return {"hit_ratio": ratio}
 
 
@@ -484,6 +494,10 @@ def bench_miss(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
     share = med([b / a for a, b in zip(t_server, t_inside)])
     print(f"ratio with the engine time equal on both sides (server's cache.get / its whole call): {share:.3f}; the "
           f"engine's own speed varies with the load on the machine, the server's overhead does not")
+    emit(Row("server", f"miss path candidates/s ({args.miss_prompts}x{args.samples}x{args.new_tokens}, tiny Qwen2, hf)",
+             "GetCandidates vs CandidateCache.get", ratio, ">= 0.9", f"{n / ms:.1f} vs {n / md:.1f} cand/s",
+             {"server_s": ms, "direct_s": md, "candidates": n, "equal_engine_ratio": share,
+              "identical_candidates": same, "rounds": args.miss_repeats}))
     return {"miss_ratio": ratio, "miss_ratio_equal_engine": share}
 
 
@@ -590,6 +604,11 @@ def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
           f"per-client latency under load: {med(per_client) / ta:.2f}x alone")
     print(f"time outside the scorer (validation, wire, batching window): alone {med(t_alone) - med(in_alone):.2f} s, "
           f"{clients_n} clients {med(t_loaded) - med(in_loaded):.2f} s")
+    emit(Row("server", f"Score positions/s, {clients_n} clients x {args.score_seqs} seqs x {args.score_len} tokens "
+             f"({rows} positions each)", f"{clients_n} concurrent vs 1 alone", ratio, None,
+             f"{rate_loaded:,.0f} vs {rate_alone:,.0f} pos/s",
+             {"aggregate_pos_s": rate_loaded, "alone_pos_s": rate_alone, "loaded_s": tl, "alone_s": ta,
+              "rounds": args.score_repeats}))
     return {"score_ratio": ratio}
 
 

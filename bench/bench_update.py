@@ -22,6 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:  # run as a script (bench/ on sys.path) or as bench.<name>
+    from _rows import Row, emit
+except ImportError:  # pragma: no cover
+    from bench._rows import Row, emit
+
 
 def worker(args: argparse.Namespace) -> None:
     import torch
@@ -103,6 +108,12 @@ def main() -> None:
     print(f"{'ranks':>5} {'s/step':>8} {'tokens/s':>10} {'vs 1 rank':>10}")
     for world, secs, rate in rows:
         print(f"{world:>5} {secs:>8.3f} {rate:>10.0f} {rate / base:>10.2f}")
+    for world, secs, rate in rows[1:]:
+        perfect = world / rows[0][0]
+        emit(Row("update", f"FSDP2 update tokens/s, CPU gloo ({os.cpu_count()} cores; perfect = {perfect:g})",
+                 f"{world} ranks vs {rows[0][0]}", rate / base, None, f"{rate:,.0f} vs {base:,.0f} tok/s",
+                 {f"tok_s_{world}": rate, f"tok_s_{rows[0][0]}": base, f"s_per_step_{world}": secs,
+                  f"s_per_step_{rows[0][0]}": rows[0][1], "timed_steps": args.steps}))
 
 
 if __name__ == "__main__":
