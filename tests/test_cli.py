@@ -1,4 +1,4 @@
-"""The `brts` command group: every --help works, unlanded subcommands say so and exit 2."""
+"""The `brts` command group: every --help works, every subcommand has landed, bad demo input gets one line."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from brts.cli import NOT_YET_EXIT, main
+from brts.cli import main
 
 SUBCOMMANDS = ["serve", "prewarm", "train", "eval", "cache", "report", "demo"]
 CACHE_SUBCOMMANDS = ["stats", "verify", "inspect", "gc", "compact", "export"]
@@ -27,15 +27,14 @@ def test_every_help_works(argv):
     assert "--help" in result.output
 
 
-@pytest.mark.parametrize(
-    "argv, issue",
-    [(["demo"], 10)],
-)
-def test_unlanded_commands_say_so_in_one_line(argv, issue):
-    result = CliRunner().invoke(main, argv)
-    assert result.exit_code == NOT_YET_EXIT
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and f"issue #{issue}" in lines[0]
+def test_demo_refuses_zero_seeds_and_a_folder_of_other_settings(tmp_path):
+    zero = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seeds", "0"])
+    assert zero.exit_code == 2 and "--seeds" in zero.output
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "demo.json").write_text('{"settings_key": "other", "settings": {"steps": 1}}')
+    other = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d")])
+    lines = [line for line in other.output.splitlines() if line.strip()]
+    assert other.exit_code == 1 and len(lines) == 1 and "other settings" in lines[0], other.output
 
 
 def test_console_script_is_installed():

@@ -1,0 +1,74 @@
+"""The demo's table from hand-made metrics lines: accuracies per seed, spread, tiers, hit rate, and its errors."""
+
+import math
+
+import pytest
+
+from brts.demo_summary import accuracy, final_eval, format_summary, summarize, tier_composition
+
+METRIC = "eval/problems/mean@4"
+
+
+def _run(final: float, tiers=(1.0, 0.0, 0.0, 0.0), prompts=8, hit=1.0, tier2=(0, 0, 0), steps=2):
+    lines = []
+    for step in range(1, steps + 1):
+        r = {"step": step, "prompts": prompts, "cache_hit_rate": hit, "tier/1": tiers[0], "tier/2": tiers[1],
+             "tier/3": tiers[2], "tier/skip": tiers[3], "tier2/drawn": tier2[0], "tier2/rescued": tier2[1],
+             "tier2/leaked": tier2[2]}
+        if step == steps:
+            r[METRIC] = final
+        lines.append(r)
+    return lines
+
+
+def _opd(final: float):
+    return [{"step": 1, "prompts": 8, "tier/1": None}, {"step": 2, "prompts": 8, METRIC: final}]
+
+
+def test_mean_and_sample_spread_over_seeds():
+    a = accuracy("x", [0.2, 0.3, 0.4])
+    assert a.mean == pytest.approx(0.3)
+    assert a.spread == pytest.approx(0.1)  # sample standard deviation (n - 1)
+    assert accuracy("one", [0.5]).spread == 0.0
+    assert math.isnan(accuracy("none", []).mean)
+
+
+def test_final_eval_takes_the_last_evaluated_line_and_refuses_an_unfinished_run():
+    lines = [{"step": 1, METRIC: 0.1}, {"step": 2}, {"step": 3, METRIC: 0.4}, {"step": 4}]
+    assert final_eval(lines, METRIC) == 0.4
+    with pytest.raises(ValueError, match="final evaluation"):
+        final_eval([{"step": 1}], METRIC)
+
+
+def test_tier_composition_is_weighted_by_prompts_and_ignores_runs_without_a_teacher_branch():
+    big = _run(0.5, tiers=(1.0, 0.0, 0.0, 0.0), prompts=6, tier2=(0, 0, 0))
+    small = _run(0.5, tiers=(0.5, 0.5, 0.0, 0.0), prompts=2, tier2=(1, 1, 0))
+    tiers, tier2 = tier_composition([big, small, _opd(0.1)])
+    assert tiers["1"] == pytest.approx((6 * 1.0 * 2 + 2 * 0.5 * 2) / 16)
+    assert tiers["2"] == pytest.approx(2 * 0.5 * 2 / 16)
+    assert tiers["3"] == 0.0 and tiers["skip"] == 0.0
+    assert tier2 == {"drawn": 2, "rescued": 2, "leaked": 0}
+    empty, _ = tier_composition([_opd(0.1)])
+    assert math.isnan(empty["1"])
+
+
+def test_summary_rows_and_table_text():
+    s = summarize([0.25, 0.26, 0.24], [_run(0.34, hit=1.0), _run(0.36, hit=0.5), _run(0.35, hit=1.0)],
+                  [_opd(0.24), _opd(0.26), _opd(0.25)], METRIC,
+                  prewarm={"prompts": 64, "cache_hits": 64, "tokens_generated": 0, "seconds": 1.5},
+                  timings={"total": 300.0})
+    before, opd, brts = s.rows
+    assert before.per_seed == (0.25, 0.26, 0.24) and opd.mean == pytest.approx(0.25) and brts.mean == pytest.approx(0.35)
+    assert s.train_hit_rate == pytest.approx(5 / 6)
+    text = format_summary(s)
+    assert "0.350 ± 0.010" in text and "0.250 ± 0.010" in text
+    assert "BRTS - OPD: +0.100" in text and "BRTS >= OPD" in text
+    assert "64/64 prompts already cached" in text and "hit rate 83%" in text
+    assert "Tier 1 100%" in text and "total 300 s" in text
+    d = s.as_dict()
+    assert d["accuracy"]["after BRTS"]["per_seed"] == [0.34, 0.36, 0.35] and d["prewarm"]["cache_hits"] == 64
+
+
+def test_a_losing_brts_is_reported_as_such():
+    s = summarize([0.3], [_run(0.2)], [_opd(0.4)], METRIC)
+    assert "BRTS < OPD" in format_summary(s) and "BRTS - OPD: -0.200" in format_summary(s)

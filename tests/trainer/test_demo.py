@@ -1,0 +1,99 @@
+"""`brts demo` for real at a tiny budget: server, prewarm, eval, BRTS and OPD runs, report, table; then run again.
+
+The models are the session's fitted toy teacher and a cached fit of the toy student, copied into the demo's folder
+(their fit markers make the demo reuse them), so the test pays for the pipeline, not for fitting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from brts.demo import DemoPaths, DemoSettings, _train_command, run_demo
+
+TINY = DemoSettings(problems=8, steps=2, prompts_per_step=4, eval_n=2)
+
+
+@pytest.fixture(scope="module")
+def toy_student_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from brts.server.toy import fit_toy_model
+
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("toy-student")) if cache is not None else tmp_path_factory.mktemp("toy-student")
+    return fit_toy_model(folder, quality="student")
+
+
+@pytest.fixture(scope="module")
+def demo_out(toy_teacher_dir, toy_student_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    shutil.copytree(toy_teacher_dir, out / "models" / "teacher")
+    shutil.copytree(toy_student_dir, out / "models" / "student")
+    said: list[str] = []
+    first = run_demo(out, seeds=1, settings=TINY, say=said.append)
+    return out, first, said
+
+
+def test_the_demo_runs_end_to_end_and_prints_the_table(demo_out):
+    out, summary, said = demo_out
+    acc = summary["accuracy"]
+    assert list(acc) == ["before (untrained student)", "after OPD (student-only)", "after BRTS"]
+    for row in acc.values():
+        assert len(row["per_seed"]) == 1 and 0.0 <= row["mean"] <= 1.0
+    tiers = summary["tiers"]
+    assert sum(tiers.values()) == pytest.approx(1.0)
+    assert summary["prewarm"]["prompts"] == TINY.problems and summary["prewarm"]["cache_hits"] == 0
+    assert summary["prewarm"]["tokens_generated"] > 0
+    assert summary["train_cache_hit_rate"] == 1.0  # every training request was prewarmed
+    printed = "\n".join(said)
+    assert "BRTS - OPD:" in printed and "Tier composition" in printed and "outputs in" in printed
+    assert (out / "summary.md").read_text().count("|") >= 12
+    assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == TINY.steps
+    for name in ("losses.png", "tiers.png", "cache_hits.png", "eval.png", "summary.md"):
+        assert (out / "report" / name).stat().st_size > 0, name
+    for method in ("brts", "opd"):
+        lines = [json.loads(x) for x in (out / "runs" / f"{method}-seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1, 2] and TINY.metric in lines[-1]
+    opd_lines = (out / "runs" / "opd-seed0" / "metrics.jsonl").read_text()
+    assert '"loss/teacher_context": 0.0' in opd_lines  # the baseline really has no teacher branch
+
+
+def test_running_again_reuses_everything_and_shows_the_warm_cache(demo_out):
+    out, first, _ = demo_out
+    metrics_before = {m: (out / "runs" / f"{m}-seed0" / "metrics.jsonl").read_text() for m in ("brts", "opd")}
+    said: list[str] = []
+    second = run_demo(out, seeds=1, settings=TINY, say=said.append)
+    assert second["prewarm"]["cache_hits"] == TINY.problems and second["prewarm"]["tokens_generated"] == 0
+    assert second["accuracy"] == first["accuracy"]
+    for m, text in metrics_before.items():
+        assert (out / "runs" / f"{m}-seed0" / "metrics.jsonl").read_text() == text  # not retrained
+    assert f"{TINY.problems}/{TINY.problems} prompts already cached" in "\n".join(said)
+
+
+def test_other_settings_in_the_same_folder_are_refused(demo_out):
+    from brts.demo import DemoError
+
+    out, _, _ = demo_out
+    with pytest.raises(DemoError, match="other settings"):
+        run_demo(out, seeds=1, settings=DemoSettings(steps=3))
+
+
+def test_each_run_is_skipped_resumed_or_started_fresh(tmp_path):
+    paths = DemoPaths(tmp_path)
+    configs = {"brts": tmp_path / "brts.yaml", "opd": tmp_path / "opd.yaml"}
+    run = paths.run_dir("brts", 0)
+    fresh = _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:1")
+    assert fresh is not None and "--config" in fresh and "seed=0" in fresh and f"run_dir={run}" in fresh
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    resume = _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2")
+    assert resume is not None and resume[-3:] == ["--resume", str(run), "server=127.0.0.1:2"]
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, TINY.metric: 0.5}) + "\n")
+    assert _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2") is None
+    other = paths.run_dir("opd", 0)
+    other.mkdir(parents=True)
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")  # no checkpoint: nothing worth keeping
+    assert "--config" in _train_command(paths, TINY, configs, "opd", 0, "127.0.0.1:2")
+    assert not other.exists()
