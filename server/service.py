@@ -24,7 +24,7 @@ from brts.server.cache import ServedPrompt
 from brts.server.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime
-from brts.server.validation import Limits, RequestError, candidates_call, score_items
+from brts.server.validation import Limits, RequestError, candidates_call, check_generation_fits, score_items
 from brts.server.wire import encode_prompt
 from brts.shared.topk import to_proto
 
@@ -220,6 +220,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         if not pending:
             return
         try:
+            check_generation_fits(pending, call.sampling, self.limits, rt.pipeline)
             sub = self.candidates.submit((call.sampling, call.seed, call.k), pending)
             results = self._wait(sub, context)
         except Exception as exc:  # noqa: BLE001

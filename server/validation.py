@@ -14,7 +14,11 @@ import numpy as np
 
 from brts.server.engines.base import SamplingParams, ScoreItem
 from brts.server.pipeline import PromptJob
+from brts.shared.hints import hinted_prompt_ids
 from brts.shared.topk import from_proto
+
+# The cache indexes pools by prompt id in an LMDB key (id + NUL + 16-byte pool key), and LMDB keys end at 511 bytes.
+MAX_PROMPT_ID_BYTES = 256
 
 
 class RequestError(ValueError):
@@ -99,6 +103,9 @@ def candidates_call(request: Any, default: SamplingParams, default_seed: int, li
     jobs = []
     for i, p in enumerate(request.prompts):
         f = f"prompts[{i}]"
+        if len(p.prompt_id.encode()) > MAX_PROMPT_ID_BYTES:
+            raise RequestError(f"{f}.prompt_id: at most {MAX_PROMPT_ID_BYTES} bytes (UTF-8), got "
+                               f"{len(p.prompt_id.encode())}")
         _check_ids(p.prompt_ids, f"{f}.prompt_ids", limits)
         if len(p.prompt_ids) + sampling.max_new_tokens > limits.max_context:
             raise RequestError(f"{f}.prompt_ids: {len(p.prompt_ids)} prompt tokens + max_new_tokens "
@@ -117,6 +124,27 @@ def candidates_call(request: Any, default: SamplingParams, default_seed: int, li
         jobs.append(PromptJob(p.prompt_id, tuple(int(t) for t in p.prompt_ids), p.ground_truth, p.n_tier1, p.n_tier2,
                               p.pool_offset, p.perturbation or None, p.perturb_slot))
     return CandidatesCall(jobs, sampling, seed, k, bool(request.cache_only), bool(request.packed_tokens))
+
+
+def check_generation_fits(jobs: Sequence[PromptJob], sampling: SamplingParams, limits: Limits, pipeline: Any) -> None:
+    """The prompts the engine samples after besides the request's own -- the Tier-2 hinted prompt (it holds the
+    ground truth) and the perturbed one -- must also leave room for max_new_tokens in the teacher's context.
+
+    It needs the tokenizer, so the service runs it only for prompts about to be generated (a cache hit never
+    reaches the engine), and before they join a coalesced batch: inside the batch, the engine's error would fail
+    every other caller's prompts too. Tier 2 is checked whenever n_tier2 > 0, since whether it is drawn is only
+    known after Tier 1."""
+    for job in jobs:
+        sizes = []
+        if job.n_tier2:
+            sizes.append(("the Tier-2 hinted prompt",
+                          len(hinted_prompt_ids(list(job.prompt_ids), job.ground_truth, pipeline.tokenizer))))
+        if job.perturbation is not None:
+            sizes.append(("the perturbed prompt", len(pipeline._perturbed_ids(job))))  # the ids the draw uses
+        for what, n in sizes:
+            if n + sampling.max_new_tokens > limits.max_context:
+                raise RequestError(f"prompt {job.prompt_id!r}: {what} has {n} tokens, which with max_new_tokens "
+                                   f"{sampling.max_new_tokens} exceed the teacher's context of {limits.max_context}")
 
 
 def score_items(request: Any, limits: Limits) -> tuple[list[ScoreItem], int]:

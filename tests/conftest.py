@@ -1,12 +1,19 @@
-"""Shared test fixtures: the bundled Qwen2.5 tokenizer and a default PromptSpec.
+"""Shared test fixtures: the bundled Qwen2.5 tokenizer, a default PromptSpec, the fitted toy teacher, and the one
+uninterrupted end-to-end training run that tests/trainer and tests/reliability both compare against.
 
 The environment is set at import, before any test module imports transformers, so that no test can
 reach the network and the tokenizers library does not warn about forking.
+
+Why the training run lives here: it costs about a minute of a 2-core machine, and two modules need it
+(tests/trainer/test_train_e2e.py checks its metrics; tests/reliability/test_trainer_kill.py resumes a killed run
+and compares its losses with it), so it is session-scoped and runs once per session whoever asks first.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -28,3 +35,55 @@ def qwen_spec(qwen_tokenizer):
     from brts.shared.prompts import PromptSpec
 
     return PromptSpec(tokenizer=qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def toy_teacher_dir(request, tmp_path_factory) -> Path:
+    """The fitted toy teacher's folder (model, tokenizer, toy_fit.json), fitted once and kept in pytest's cache
+    folder (``.pytest_cache/d/toy-teacher``) across sessions; ``fit_toy_model`` checks a hash of its settings, so a
+    changed recipe refits instead of reusing a stale model. Without the cache plugin it fits into a temp folder."""
+    from brts.server.toy import fit_toy_model
+
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("toy-teacher")) if cache is not None else tmp_path_factory.mktemp("toy-teacher")
+    return fit_toy_model(folder, quality="teacher")
+
+
+def _train_env():  # noqa: ANN202 - the tests/trainer/train_env module
+    sys.path.insert(0, str(Path(__file__).parent / "trainer"))
+    import train_env
+
+    return train_env
+
+
+@pytest.fixture(scope="session")
+def e2e_env(toy_teacher_dir, tmp_path_factory):
+    """A `brts serve` on the toy teacher, a tiny student and 32 toy problems, shared by the end-to-end training
+    tests of tests/trainer and tests/reliability (``config(name, **values)`` writes a run's config)."""
+    te = _train_env()
+    root = tmp_path_factory.mktemp("train-e2e")
+    student = te.make_student(root / "student")
+    problems = te.write_problems(root / "problems.jsonl", 32)
+    server = te.ServerProcess(toy_teacher_dir, root / "cache")
+    env = {"root": root, "student": student, "problems": problems, "server": server}
+
+    def config(name: str, **values) -> Path:
+        values = {"student": str(student), "server": server.address, "dataset": str(problems),
+                  "run_dir": str(root / name), **values}
+        return te.write_config(root / f"{name}.yaml", **values)
+
+    env["config"] = config
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(e2e_env):
+    """Three steps of `brts train` (2 gloo ranks), a checkpoint after every step and an in-training evaluation at
+    step 3: ``(CompletedProcess, RUN_DIR)``. Read-only for its users: they compare against it."""
+    te = _train_env()
+    cfg = e2e_env["config"]("run-a", save_every=1, eval_every=3, eval_benchmarks=["amc23"], eval_limit=2, eval_n=2,
+                            eval_max_new_tokens=8)
+    r = te.train("--config", str(cfg))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r, e2e_env["root"] / "run-a"

@@ -1,9 +1,8 @@
-"""Fixtures for the server tests: tiny random Qwen2 models, the fitted toy teacher, its tokenizer, an hf engine.
+"""Fixtures for the server tests: tiny random Qwen2 models, the toy teacher's tokenizer, an hf engine.
 
-The toy teacher is fitted once and kept in pytest's cache folder (``.pytest_cache/d/toy-teacher``), so only the
-first session pays its ~1 minute fit; ``fit_toy_model`` itself checks a hash of its settings, so a changed
-recipe refits instead of reusing a stale model. Without the cache plugin (``-p no:cacheprovider``) it fits into
-a session temp folder.
+The fitted toy teacher itself (``toy_teacher_dir``) is in tests/conftest.py, shared with the trainer and
+reliability tests: it is fitted once and kept in pytest's cache folder (``.pytest_cache/d/toy-teacher``), so only
+the first session pays its ~1 minute fit.
 """
 
 from __future__ import annotations
@@ -39,16 +38,6 @@ def tiny_qwen2_factory() -> Callable[..., Any]:
 def tiny_qwen2() -> Any:
     """One shared random tiny Qwen2 (vocab 1000, fp32). Read-only: tests must not modify it."""
     return _tiny_qwen2()
-
-
-@pytest.fixture(scope="session")
-def toy_teacher_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fitted toy teacher's folder (model, tokenizer, toy_fit.json), cached across sessions."""
-    from brts.server.toy import fit_toy_model
-
-    cache = getattr(request.config, "cache", None)
-    folder = Path(cache.mkdir("toy-teacher")) if cache is not None else tmp_path_factory.mktemp("toy-teacher")
-    return fit_toy_model(folder, quality="teacher")
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,23 @@
 """`brts serve` (toy teacher, hf engine) and `brts train` (2 gloo ranks, tiny student) as real processes.
 
-Covers issue #8's end-to-end list: 3 steps with every metric and a checkpoint; a run killed (-9) after step 2 and
-resumed gives step 3's loss of the uninterrupted run exactly; two concurrent runs with different seeds share the
-cache; a server that is down, a tokenizer mismatch and a malformed config each end with one line and exit 1; a
-server that dies mid-run ends the run with exit 3 and a checkpoint of the last finished step.
+Covers issue #8's end-to-end list: 3 steps with every metric and a checkpoint; two concurrent runs with different
+seeds share the cache; a server that is down, a tokenizer mismatch and a malformed config each end with one line and
+exit 1; a server that dies mid-run ends the run with exit 3 and a checkpoint of the last finished step. A run killed
+(SIGTERM, then -9) and resumed is tests/reliability/test_trainer_kill.py; it compares with the same uninterrupted
+run (the session fixture ``uninterrupted`` of tests/conftest.py, so the run happens once per session).
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_env import (BRTS, ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
-                       train, wait_for_step, write_config, write_problems)
+from train_env import (ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
+                       train, wait_for_step, write_problems)
 
 METRIC_KEYS = {
     "loss", "loss/student_context", "loss/teacher_context", "grad_norm", "tier/1", "tier/2", "tier/3", "tier/skip",
@@ -29,28 +28,14 @@ METRIC_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def env(toy_teacher_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-e2e")
-    student = make_student(root / "student")
-    problems = write_problems(root / "problems.jsonl", 32)
-    server = ServerProcess(toy_teacher_dir, root / "cache")
-    yield {"root": root, "student": student, "problems": problems, "server": server}
-    server.stop()
+@pytest.fixture
+def env(e2e_env):
+    """The session's shared server, student and problems (tests/conftest.py; tests/reliability uses them too)."""
+    return e2e_env
 
 
 def _config(env, name: str, **values) -> Path:
-    values = {"student": str(env["student"]), "server": env["server"].address, "dataset": str(env["problems"]),
-              "run_dir": str(env["root"] / name), **values}
-    return write_config(env["root"] / f"{name}.yaml", **values)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(env):
-    r = train("--config", str(_config(env, "run-a", save_every=1, eval_every=3, eval_benchmarks=["amc23"], eval_limit=2,
-                                      eval_n=2, eval_max_new_tokens=8)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r, env["root"] / "run-a"
+    return env["config"](name, **values)
 
 
 def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
@@ -77,42 +62,6 @@ def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
-
-
-def test_sigterm_then_kill_9_then_resume_matches_the_uninterrupted_run(env, uninterrupted, tmp_path):
-    _, run_a = uninterrupted
-    run = env["root"] / "run-b"
-    proc = start_train("--config", str(_config(env, "run-b", save_every=2)), log=tmp_path / "1.log")
-    wait_for_step(run, 1, proc)
-    proc.send_signal(signal.SIGTERM)  # to the launcher only: it passes it on, the ranks checkpoint and stop
-    assert proc.wait(timeout=120) == 0, (tmp_path / "1.log").read_text()[-3000:]
-    stopped = [x["step"] for x in metrics(run)]
-    assert f"stopped by a signal after step {stopped[-1]}" in (tmp_path / "1.log").read_text()
-    assert (run / "checkpoints" / f"step_{stopped[-1]:06d}" / "COMPLETE").is_file()
-    if stopped[-1] < 2:
-        proc = start_train("--resume", str(run), "save_every=1", log=tmp_path / "2.log")
-        wait_for_step(run, 2, proc)
-        kill_group(proc)  # kill -9 the launcher, torchrun and both ranks, mid step 3
-    assert [x["step"] for x in metrics(run)] == [1, 2]
-    again = train("--resume", str(run))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "steps 3..3" in again.stdout
-    a, b = metrics(run_a), metrics(run)
-    assert [x["step"] for x in b] == [1, 2, 3]
-    for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm"):
-        assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-7), key
-    # `brts report` on the two runs side by side (run-a also evaluated in training)
-    report = subprocess.run([*BRTS, "report", str(run_a), str(run), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=120)
-    assert report.returncode == 0, report.stderr
-    for name in ("losses.png", "tiers.png", "overlap.png", "cache_hits.png", "eval.png"):
-        png = tmp_path / "report" / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
-    summary = (tmp_path / "report" / "summary.md").read_text()
-    assert "| run-a | 3 |" in summary and "| run-b | 3 |" in summary and "amc23" in summary
-    # a fresh start on a run_dir with checkpoints is refused, not overwritten
-    refused = train("--config", str(env["root"] / "run-b.yaml"))
-    assert refused.returncode == 1 and "already holds checkpoints" in one_line(refused.stderr)
 
 
 def test_two_concurrent_runs_share_one_server_and_its_cache(env, tmp_path):
