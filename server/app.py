@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from brts.proto import teacher_pb2
@@ -71,18 +72,53 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
 
 
+class _Undecodable:
+    """A request body that is not the method's protobuf message. grpcio answers a raising deserializer with
+    INTERNAL ("Exception deserializing request!"), which blames the server for the client's bytes; so the
+    deserializer returns this instead and the handler refuses it with INVALID_ARGUMENT naming the message type."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(f"request: not a valid {message_type.DESCRIPTOR.full_name} message ({exc})")
+    return parse
+
+
+def _unary(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return method(request, context)
+    return handle
+
+
+def _stream(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield from method(request, context)
+    return handle
+
+
 def _add_service(service: TeacherService, server: grpc.Server) -> None:
-    """``add_TeacherServiceServicer_to_server`` with one change: GetCandidates' serializer lets the pre-encoded
-    replies of ``wire.encode_prompt`` through (generated code cannot be edited; it is regenerated)."""
+    """``add_TeacherServiceServicer_to_server`` with two changes: GetCandidates' serializer lets the pre-encoded
+    replies of ``wire.encode_prompt`` through (generated code cannot be edited; it is regenerated), and bytes that
+    are not the request message get INVALID_ARGUMENT instead of grpcio's INTERNAL."""
     handlers = {
         "GetCandidates": grpc.unary_stream_rpc_method_handler(
-            service.GetCandidates, request_deserializer=teacher_pb2.CandidatesRequest.FromString,
+            _stream(service.GetCandidates), request_deserializer=_lenient(teacher_pb2.CandidatesRequest),
             response_serializer=serialize_reply),
         "Score": grpc.unary_unary_rpc_method_handler(
-            service.Score, request_deserializer=teacher_pb2.ScoreRequest.FromString,
+            _unary(service.Score), request_deserializer=_lenient(teacher_pb2.ScoreRequest),
             response_serializer=teacher_pb2.ScoreReply.SerializeToString),
         "Info": grpc.unary_unary_rpc_method_handler(
-            service.Info, request_deserializer=teacher_pb2.InfoRequest.FromString,
+            _unary(service.Info), request_deserializer=_lenient(teacher_pb2.InfoRequest),
             response_serializer=teacher_pb2.InfoReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -247,6 +247,15 @@ def test_240_hostile_requests_each_get_a_proper_status_and_the_server_keeps_serv
             code, details = _outcome(lambda: list(stub.GetCandidates(req, timeout=DEADLINE_S)))
             assert code.name == want, f"{name}: {code.name} {details[:300]}"
             assert _good_score(stub, prompt) == good, name
+        # bytes that are no protobuf message at all, sent past the stubs: the client's fault, so INVALID_ARGUMENT
+        for method in ("GetCandidates", "Score", "Info"):
+            raw = f"/brts.v1.TeacherService/{method}"
+            call = (channel.unary_stream(raw) if method == "GetCandidates" else channel.unary_unary(raw))
+            for junk in (b"\xff\xff\xff", b"\x0a\xff\xff\xff\x0f"):
+                code, details = _outcome(lambda: list(call(junk, timeout=DEADLINE_S)) if method == "GetCandidates"
+                                         else call(junk, timeout=DEADLINE_S))
+                assert code is grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in details, (method, code, details)
+            assert _good_score(stub, prompt) == good, method
         item = pb.ScoreItem(token_ids=prompt + [5], response_start=len(prompt))
         wide = pb.ScoreRequest(items=[item], logprob_k=10**9)
         assert _outcome(lambda: stub.Score(wide, timeout=DEADLINE_S))[0] is grpc.StatusCode.INVALID_ARGUMENT
