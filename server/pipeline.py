@@ -162,6 +162,15 @@ class CandidatePipeline:
         extra = self.tokenizer.encode(job.perturbation or "", add_special_tokens=False)
         return tuple(job.prompt_ids) + tuple(extra)
 
+    def sampling_prompt(self, job: PromptJob, tier: int, perturbed: bool = False) -> tuple[int, ...]:
+        """The ids a draw samples after: the hinted prompt for Tier 2, the perturbed one for a perturbed draw,
+        else the job's own prompt. One place, so the server's length check measures what the engine gets."""
+        if tier == TIER2:
+            return tuple(hinted_prompt_ids(list(job.prompt_ids), job.ground_truth, self.tokenizer))
+        if perturbed:
+            return self._perturbed_ids(job)
+        return tuple(job.prompt_ids)
+
     def _records(self, tier: int, indices: Sequence[int], gens, ground_truths: list[str]) -> list[CandidateRecord]:
         texts = [self.tokenizer.decode(list(g.token_ids), skip_special_tokens=True) for g in gens]
         correct = is_correct_batch(texts, ground_truths, self.verifier) if texts else []
@@ -191,12 +200,7 @@ class CandidatePipeline:
         """
         requests = []
         for d in draws:
-            if d.tier == TIER2:
-                prompt = tuple(hinted_prompt_ids(list(d.job.prompt_ids), d.job.ground_truth, self.tokenizer))
-            elif d.perturbed:
-                prompt = self._perturbed_ids(d.job)
-            else:
-                prompt = tuple(d.job.prompt_ids)
+            prompt = self.sampling_prompt(d.job, d.tier, d.perturbed)
             requests.append(GenerationRequest(prompt, tuple(d.seeds)))
         outputs = self.engine.generate(requests, sampling or self.sampling) if requests else []
         self.engine_calls += bool(requests)

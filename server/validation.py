@@ -13,8 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brts.server.engines.base import SamplingParams, ScoreItem
-from brts.server.pipeline import PromptJob
-from brts.shared.hints import hinted_prompt_ids
+from brts.server.pipeline import TIER1, TIER2, PromptJob
 from brts.shared.topk import from_proto
 
 # The cache indexes pools by prompt id in an LMDB key (id + NUL + 16-byte pool key), and LMDB keys end at 511 bytes.
@@ -137,10 +136,9 @@ def check_generation_fits(jobs: Sequence[PromptJob], sampling: SamplingParams, l
     for job in jobs:
         sizes = []
         if job.n_tier2:
-            sizes.append(("the Tier-2 hinted prompt",
-                          len(hinted_prompt_ids(list(job.prompt_ids), job.ground_truth, pipeline.tokenizer))))
+            sizes.append(("the Tier-2 hinted prompt", len(pipeline.sampling_prompt(job, TIER2))))
         if job.perturbation is not None:
-            sizes.append(("the perturbed prompt", len(pipeline._perturbed_ids(job))))  # the ids the draw uses
+            sizes.append(("the perturbed prompt", len(pipeline.sampling_prompt(job, TIER1, perturbed=True))))
         for what, n in sizes:
             if n + sampling.max_new_tokens > limits.max_context:
                 raise RequestError(f"prompt {job.prompt_id!r}: {what} has {n} tokens, which with max_new_tokens "
