@@ -50,7 +50,7 @@ SCRIPTS = {
     "bench_good": GOOD,
     "bench_crash": "import sys\nprint('working')\nsys.exit('boom: out of memory')\n",
     "bench_silent": "print('nothing to say')\n",
-    "bench_hang": "import time\ntime.sleep(60)\n",
+    "bench_hang": "import time\ntime.sleep(3600)\n",
 }
 
 
@@ -72,8 +72,10 @@ def test_one_table_with_failed_rows(bench: ModuleType, tmp_path: Path, capsys: p
     for name, text in SCRIPTS.items():
         (scripts / f"{name}.py").write_text(textwrap.dedent(text))
     out = tmp_path / "results"
+    # one limit for every script: the hang never ends, and the others (plain Python, no heavy imports) end in
+    # well under a second even on a loaded core, so 5 s tells them apart on any machine
     code = bench.main(["bench_good", "bench_crash", "bench_silent", "bench_hang", "--out", str(out),
-                       "--timeout", "1.5"], scripts=scripts)
+                       "--timeout", "5"], scripts=scripts)
     assert code == 1  # some scripts failed, yet every one ran and the summary was written
 
     data = json.loads((out / "summary.json").read_text())

@@ -226,7 +226,7 @@ class Teacher:
     """``brts serve`` on a fork-server child (fp32 on the CPU, 127.0.0.1): ``address`` once it listens."""
 
     def __init__(self, forks: ForkServer, model: Path, cache: Path, log: Path, extra: Sequence[str] = (),
-                 port: int | None = None, timeout: float = 120.0) -> None:
+                 port: int | None = None, timeout: float = 600.0) -> None:
         self.port = port or free_port()
         self.child = forks.start(["serve", "--model", model, "--cache", cache, "--port", self.port, "--device", "cpu",
                                   "--dtype", "float32", *extra], log)

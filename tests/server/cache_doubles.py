@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import re
 import threading
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,8 +27,9 @@ VOCAB = 151_936
 class SeededEngine:
     name, vocab_size, max_context = "seeded", VOCAB, 4096
 
-    def __init__(self, tokenizer: Any, p_right: float = 0.5, delay: float = 0.0) -> None:
-        self.tok, self.p_right, self.delay = tokenizer, p_right, delay
+    def __init__(self, tokenizer: Any, p_right: float = 0.5, gate: threading.Event | None = None) -> None:
+        # ``gate``: generate() blocks until it is set, so a test can hold a generation open as long as it needs
+        self.tok, self.p_right, self.gate = tokenizer, p_right, gate
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.eos_token_ids = (self.eos,)
         self.samples = 0
@@ -50,8 +50,8 @@ class SeededEngine:
         with self._lock:
             self.calls += 1
             self.samples += sum(len(r.seeds) for r in requests)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.gate is not None and not self.gate.wait(timeout=600):  # a hang guard only
+            raise TimeoutError("SeededEngine: the test never opened the gate")
         out = []
         for req in requests:
             prompt = self.tok.decode(list(req.prompt_ids))
@@ -85,8 +85,8 @@ class ArithmeticScorer:
         return outs
 
 
-def make_pipeline(tokenizer: Any, p_right: float = 0.5, delay: float = 0.0) -> CandidatePipeline:
-    engine = SeededEngine(tokenizer, p_right, delay)
+def make_pipeline(tokenizer: Any, p_right: float = 0.5, gate: threading.Event | None = None) -> CandidatePipeline:
+    engine = SeededEngine(tokenizer, p_right, gate)
     return CandidatePipeline(engine, ArithmeticScorer(), tokenizer, SamplingParams(), logprob_k=8)
 
 

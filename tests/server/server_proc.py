@@ -27,7 +27,7 @@ class ServerProcess:
     """``brts serve`` with the given arguments; ``address`` once it listens; all output kept in ``lines``."""
 
     def __init__(self, model: Path, cache: Path, extra: Sequence[str] = (), port: int | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 600.0) -> None:  # a hang guard: a fresh interpreter on a loaded core is slow
         self.port = port or free_port()
         args = [*BRTS, "serve", "--model", str(model), "--cache", str(cache), "--port", str(self.port),
                 "--device", "cpu", "--dtype", "float32", *extra]
@@ -35,7 +35,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
         self.address = self._wait_for(r"listening on (\S+)", timeout)
 
     def _pump(self) -> None:
@@ -59,12 +60,12 @@ class ServerProcess:
                 return m.group(1)
         raise TimeoutError(f"brts serve did not print {pattern!r}:\n" + "\n".join(self.lines[-30:]))
 
-    def stop(self, timeout: float = 60.0) -> str:
+    def stop(self, timeout: float = 300.0) -> str:
         """SIGTERM, wait, and return the final 'stopped (...)' line."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=timeout)
-        time.sleep(0.2)
+        self._pumping.join(timeout=60)  # every line read (the pipe's EOF), not "probably read after a pause"
         return next((line for line in reversed(self.lines) if "stopped" in line), "")
 
     def kill(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ TEACHER = "teacher-aaaa"
 def make_cache(tmp_path, qwen_tokenizer):
     made = []
 
-    def make(teacher=TEACHER, p_right=0.5, delay=0.0, **kw):
-        cache = CandidateCache(tmp_path / "cache", teacher, make_pipeline(qwen_tokenizer, p_right, delay), **kw)
+    def make(teacher=TEACHER, p_right=0.5, gate=None, **kw):
+        cache = CandidateCache(tmp_path / "cache", teacher, make_pipeline(qwen_tokenizer, p_right, gate), **kw)
         made.append(cache)
         return cache
 
@@ -155,14 +156,22 @@ def test_k_is_sliced_and_widened(make_cache, qwen_tokenizer):
         cache.get([j], SAMPLING, seed=0, k=65)
 
 
+def _waiting_on_claims(cache) -> int:
+    """Threads blocked on another thread's in-flight claim (each waits on the claim's Future, whose Condition
+    lists its waiters): the single-flight state made visible, so the test needs no sleep to reach it."""
+    with cache._lock:
+        return sum(len(future._condition._waiters) for future in cache._inflight.values())
+
+
 def test_single_flight_across_threads(make_cache, qwen_tokenizer):
-    cache = make_cache(delay=0.3)
+    """Four threads ask for one missing pool: the generation is held open (the engine's gate) until the other
+    three are waiting on its claim, so the overlap is built, not hoped for on a machine of some speed."""
+    gate = threading.Event()
+    cache = make_cache(gate=gate)
     jobs = [job(qwen_tokenizer, 7, 8, n_tier1=4)]
     results, errors = [], []
-    barrier = threading.Barrier(4)
 
     def ask():
-        barrier.wait()
         try:
             results.append(cache.get(jobs, SAMPLING, seed=0, k=8)[0])
         except Exception as exc:  # pragma: no cover - reported below
@@ -171,6 +180,11 @@ def test_single_flight_across_threads(make_cache, qwen_tokenizer):
     threads = [threading.Thread(target=ask) for _ in range(4)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 600  # a hang guard only
+    while not (cache.pipeline.engine.calls == 1 and _waiting_on_claims(cache) == 3):
+        assert time.monotonic() < deadline and not errors, errors
+        time.sleep(0.005)
+    gate.set()
     for t in threads:
         t.join()
     assert not errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +85,15 @@ def test_saved_teacher_is_a_full_vocabulary_model(toy_teacher_dir: Path, hf_engi
 
 
 def test_fit_is_cached_and_keyed_by_settings(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
     out = fit_toy_model(tmp_path / "s", quality="student", steps=6, eval_every=3, eval_size=8, batch_size=8)
-    first = time.perf_counter() - t0
     marker = json.loads((out / "toy_fit.json").read_text())
     assert marker["steps_run"] == 6 and marker["settings"]["hidden_size"] == QUALITIES["student"].hidden_size
-    stamp = (out / "model.safetensors").stat().st_mtime_ns
-    t1 = time.perf_counter()
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"model.safetensors", "toy_fit.json"} <= set(written)
+    # the same settings again: the fit is reused, nothing in the folder is written again (a re-fit rewrites both
+    # the weights and the marker, so this holds on any machine, however fast the fit)
     assert fit_toy_model(tmp_path / "s", quality="student", steps=6, eval_every=3, eval_size=8, batch_size=8) == out
-    assert time.perf_counter() - t1 < max(0.5, first / 4)
-    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     # the folder loads as a normal checkpoint with its tokenizer and EOS ids
     from brts.server.engines.hf import HFEngine
 

@@ -10,14 +10,15 @@ run (the session fixture ``uninterrupted`` of tests/conftest.py, so the run happ
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_env import (ServerProcess, free_port, kill_group, make_student, metrics, one_line, start_train,  # noqa: E402
-                       train, wait_for_step, write_problems)
+from train_env import (HANG_S, ServerProcess, free_port, kill_group, make_student, metrics, one_line,  # noqa: E402
+                       start_train, train, wait_for_step, write_problems)
 
 METRIC_KEYS = {
     "loss", "loss/student_context", "loss/teacher_context", "grad_norm", "tier/1", "tier/2", "tier/3", "tier/skip",
@@ -65,16 +66,28 @@ def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
 
 
 def test_two_concurrent_runs_share_one_server_and_its_cache(env, tmp_path):
-    problems = write_problems(tmp_path / "small.jsonl", 8, seed=7)  # 3 steps × 4 prompts from 8: the runs overlap
+    """The second run starts after the first's step 1 and trains all its 3 steps while the first is still
+    training: the first is given far more steps than it gets (a SIGTERM stops it once the second is done), so the
+    overlap is built, not a race between two runs' speeds."""
+    problems = write_problems(tmp_path / "small.jsonl", 8, seed=7)  # 4 prompts a step from 8: the runs share them
     common = {"dataset": str(problems), "sampling": {"max_new_tokens": 20}}  # a key space no other test used
-    first = start_train("--config", str(_config(env, "con-1", seed=1, **common)), log=tmp_path / "1.log")
-    wait_for_step(env["root"] / "con-1", 1, first)
-    second = start_train("--config", str(_config(env, "con-2", seed=2, **common)), log=tmp_path / "2.log")
-    assert first.poll() is None  # really concurrent
-    assert first.wait(timeout=300) == 0, (tmp_path / "1.log").read_text()[-3000:]
-    assert second.wait(timeout=300) == 0, (tmp_path / "2.log").read_text()[-3000:]
+    first = start_train("--config", str(_config(env, "con-1", seed=1, max_steps=1000, **common)),
+                        log=tmp_path / "1.log")
+    second = None
+    try:
+        wait_for_step(env["root"] / "con-1", 1, first)
+        second = start_train("--config", str(_config(env, "con-2", seed=2, **common)), log=tmp_path / "2.log")
+        assert second.wait(timeout=HANG_S) == 0, (tmp_path / "2.log").read_text()[-3000:]
+        assert first.poll() is None, (tmp_path / "1.log").read_text()[-3000:]  # really concurrent throughout
+        first.send_signal(signal.SIGTERM)  # the launcher passes it on; the ranks checkpoint and stop
+        assert first.wait(timeout=HANG_S) == 0, (tmp_path / "1.log").read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                kill_group(proc)
     one, two = metrics(env["root"] / "con-1"), metrics(env["root"] / "con-2")
-    assert [x["step"] for x in one] == [x["step"] for x in two] == [1, 2, 3]
+    assert [x["step"] for x in two] == [1, 2, 3]
+    assert [x["step"] for x in one] == list(range(1, len(one) + 1)) and len(one) < 1000
     assert one[0]["cache_hit_rate"] == 0.0  # nobody had asked for these before
     assert sum(x["cache_hit_rate"] for x in two) > 0  # the second run reads what the first made the server generate
 
@@ -114,7 +127,7 @@ def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_
     try:
         wait_for_step(run, 1, proc)
         server.kill()
-        code = proc.wait(timeout=300)
+        code = proc.wait(timeout=HANG_S)
     finally:
         if proc.poll() is None:
             kill_group(proc)

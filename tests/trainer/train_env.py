@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from server_proc import BRTS, ServerProcess, free_port  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_ENV = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT: after a SIGTERM torchrun gives the ranks this long to finish their step and
+# checkpoint before it SIGKILLs them; its default, 30 s, is less than one toy step plus a checkpoint can take on a
+# loaded core, which would turn the SIGTERM tests' verdict into a race against the machine's speed.
+TRAIN_ENV = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+                 TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
+# Hang guards only (pytest-timeout backs them): a 3-step run takes about a minute on 2 idle cores.
+HANG_S = 1200.0
 
 
 def make_student(out: Path, seed: int = 0, tokenizer: Any | None = None) -> Path:
@@ -69,7 +75,7 @@ def write_config(path: Path, **values: Any) -> Path:
     return path
 
 
-def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def train(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([*BRTS, "train", *args], capture_output=True, text=True, timeout=timeout, env=TRAIN_ENV,
                           cwd=REPO)
 
@@ -115,7 +121,7 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(r["step"] >= step for r in metrics(run_dir)):
