@@ -290,7 +290,7 @@ def bench_hit(args: argparse.Namespace) -> dict[str, float]:
             fill_s = time.perf_counter() - t0
             assert runtime.cache.generated == len(jobs) * args.samples, runtime.cache.generated
             assert all(len(p.candidates) == args.samples for p in filled)
-            running = RunningServer(runtime, window_s=args.window_ms / 1000).start()
+            running = RunningServer(runtime.config, window_s=args.window_ms / 1000).start().attach(runtime)
             client = TeacherClient(running.address)
 
             def direct() -> list[Any]:
@@ -416,7 +416,7 @@ def start_tiny_server(folder: Path, args: argparse.Namespace) -> TinyServer:
         model=str(model), cache_dir=str(folder / "serve-cache"), device=args.device, dtype="float32", port=0)
     runtime = build_runtime(config)
     try:
-        running = RunningServer(runtime, window_s=args.window_ms / 1000).start()
+        running = RunningServer(runtime.config, window_s=args.window_ms / 1000).start().attach(runtime)
     except BaseException:
         runtime.close()
         raise

@@ -149,17 +149,19 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "max_logprob_k", "engine", "model")
+    __slots__ = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "max_logprob_k", "engine", "model", "dtype")
     TEACHER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROB_K_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     vocab_size: int
     max_logprob_k: int
     engine: str
     model: str
-    def __init__(self, teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_logprob_k: _Optional[int] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    dtype: str
+    def __init__(self, teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_logprob_k: _Optional[int] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...

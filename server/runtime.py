@@ -41,6 +41,15 @@ class TeacherRuntime:
         return int(self.engine.vocab_size)
 
     @property
+    def dtype(self) -> str:
+        """The teacher's compute dtype as served in ``Info`` ("float32", "bfloat16", "float16"): the scorer's
+        parameters decide it (every served number comes from them or is checked against them)."""
+        model = getattr(self.scorer, "model", None)
+        if model is not None:
+            return str(next(model.parameters()).dtype).removeprefix("torch.")
+        return self.config.dtype
+
+    @property
     def max_context(self) -> int:
         return int(min(self.engine.max_context, getattr(self.scorer, "max_context", self.engine.max_context)))
 

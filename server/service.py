@@ -245,5 +245,5 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         return teacher_pb2.InfoReply(
             teacher_fingerprint=rt.fingerprint, tokenizer_fingerprint=rt.tokenizer_fingerprint,
             vocab_size=rt.vocab_size, max_logprob_k=rt.config.max_logprob_k, engine=rt.engine.name,
-            model=str(rt.config.model),
+            model=str(rt.config.model), dtype=rt.dtype,
         )

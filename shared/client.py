@@ -86,6 +86,7 @@ class ServerInfo:
     max_logprob_k: int
     engine: str
     model: str
+    dtype: str = ""  # the teacher's compute dtype; "" from a server older than the field
 
 
 @dataclass
@@ -185,7 +186,7 @@ class TeacherClient:
     def get_info(self) -> ServerInfo:
         r = self._unary(self._stub.Info, teacher_pb2.InfoRequest())
         return ServerInfo(r.teacher_fingerprint, r.tokenizer_fingerprint, r.vocab_size, r.max_logprob_k, r.engine,
-                          r.model)
+                          r.model, r.dtype)
 
     def get_candidates(self, prompts: Sequence[Prompt], sampling: Sampling | None = None, logprob_k: int = 0,
                        cache_only: bool = False) -> Iterator[PromptCandidates]:

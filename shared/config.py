@@ -195,6 +195,7 @@ class ServerConfig(_Validated):
     max_samples_per_prompt: int = 64
     max_pool_offset: int = 1 << 20
     batch_window_ms: float = 10.0
+    probe_timeout_s: float = 300.0  # the start-up probe's bound (a GPU's first generation can take a while)
     mem_fraction: float = 0.6
     tensor_parallel: int = 1
     data_parallel: int = 1
@@ -208,6 +209,7 @@ class ServerConfig(_Validated):
         self.require(self.max_samples_per_prompt >= 1, "max_samples_per_prompt", "must be >= 1")
         self.require(self.max_pool_offset >= 0, "max_pool_offset", "must be >= 0")
         self.require(self.batch_window_ms >= 0, "batch_window_ms", "must be >= 0")
+        self.require(self.probe_timeout_s > 0, "probe_timeout_s", "must be > 0 seconds")
         self.require(0 < self.mem_fraction < 1, "mem_fraction", "must be in (0, 1)")
         self.require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
         self.require(self.data_parallel >= 1, "data_parallel", "must be >= 1")

@@ -44,8 +44,10 @@ def test_field_numbers_match_the_contract():
     assert _numbers(teacher_pb2.ScoreItem) == {"token_ids": 1, "response_start": 2, "candidate_ids": 3}
     assert _numbers(teacher_pb2.ScoreRequest) == {"items": 1, "logprob_k": 2}
     assert _numbers(teacher_pb2.ScoreResult) == {"candidate_logprobs": 1, "topk_ids": 2, "topk_logprobs": 3}
+    # dtype (7) came with the start-up probe (issue #17)
     assert _numbers(teacher_pb2.InfoReply) == {
         "teacher_fingerprint": 1, "tokenizer_fingerprint": 2, "vocab_size": 3, "max_logprob_k": 4, "engine": 5, "model": 6,
+        "dtype": 7,
     }
     methods = {m.name: (m.input_type.name, m.output_type.name, m.server_streaming) for m in teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].methods}
     assert methods == {

@@ -149,6 +149,29 @@ def test_generation_logprobs_match_torch_scorer(engine, tiny):
         np.testing.assert_allclose(sc.candidate_logprobs, s.topk.logprobs[:, :4], atol=1e-4, rtol=0)
 
 
+def _probe_runtime(engine, scorer_model, tiny_dir):
+    """What the start-up probe reads of a runtime, over the real vLLM engine and a real exact scorer."""
+    from types import SimpleNamespace
+
+    from brts.server.scorer import TorchScorer
+    from brts.shared.tokenizer import load_tokenizer
+
+    return SimpleNamespace(engine=engine, scorer=TorchScorer(scorer_model, max_context=MAX_LEN), dtype="float32",
+                           tokenizer=load_tokenizer(tiny_dir), config=SimpleNamespace(max_logprob_k=16, model=tiny_dir))
+
+
+def test_start_up_probe_compares_the_engine_with_the_exact_scorer(engine, tiny, tiny_qwen2_factory):
+    """The probe passes with the engine's own top-K within 1e-4 nats of the scorer in fp32 (measured far below),
+    and fails naming both when the scorer holds another model (a teacher whose engine and scorer disagree)."""
+    from brts.server.probe import ProbeError, probe_teacher
+
+    report = probe_teacher(_probe_runtime(engine, tiny[1], tiny[0]), timeout_s=600)
+    assert report.tokens >= 1 and report.engine_gap is not None and report.engine_gap <= 1e-4, report
+    other = build_tiny_qwen2(tiny[0].parent / "other-teacher", seed=1)
+    with pytest.raises(ProbeError, match=r"vllm engine's log-probs differ from the exact scorer's by .* float32"):
+        probe_teacher(_probe_runtime(engine, other, tiny[0]), timeout_s=600)
+
+
 def test_k_outside_max_logprobs_is_refused(engine):
     req = [GenerationRequest(_prompt(5), (1,))]
     for k in (0, engine.max_logprobs + 1):
