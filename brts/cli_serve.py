@@ -32,6 +32,9 @@ def _die(message: str) -> None:
 @click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
 @click.option("--sglang-url", default=None, help="Use a running sglang.launch_server over HTTP instead of in-process.")
 @click.option("--teacher-fingerprint", default=None, help="Name the teacher instead of hashing its files.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port [0 = off].")
+@click.option("--metrics-host", default=None,
+              help="Metrics bind address [127.0.0.1]; any other serves HTTPS with --tls-cert/--tls-key.")
 @click.argument("overrides", nargs=-1)
 def serve(config_file: str | None, overrides: tuple[str, ...], teacher_fingerprint: str | None, **options: Any) -> None:
     """Run the teacher server (gRPC TeacherService) until SIGTERM/SIGINT. Extra KEY=VALUE override settings,

@@ -22,11 +22,12 @@ from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from brts.proto import teacher_pb2
+from brts.server.metrics import ServerMetrics
 from brts.server.probe import probe_teacher
 from brts.server.runtime import TeacherRuntime, build_runtime
 from brts.server.service import TeacherService
 from brts.server.wire import serialize_reply
-from brts.shared.config import ServerConfig
+from brts.shared.config import ServerConfig, is_loopback
 
 log = logging.getLogger("brts.serve")
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name
@@ -139,20 +140,22 @@ class ServiceGate:
         return self.service
 
 
-def _add_service(gate: ServiceGate, server: grpc.Server) -> None:
+def _add_service(gate: ServiceGate, server: grpc.Server, metrics: ServerMetrics) -> None:
     """``add_TeacherServiceServicer_to_server`` with three changes: every call first waits at the ``gate``;
     GetCandidates' serializer lets the pre-encoded replies of ``wire.encode_prompt`` through (generated code cannot
     be edited; it is regenerated); and bytes that are not the request message get INVALID_ARGUMENT instead of
-    grpcio's INTERNAL."""
+    grpcio's INTERNAL. Each call is counted in ``metrics``."""
     handlers = {
         "GetCandidates": grpc.unary_stream_rpc_method_handler(
-            _stream(lambda r, c: gate.wait(c).GetCandidates(r, c)),
+            metrics.stream("GetCandidates", _stream(lambda r, c: gate.wait(c).GetCandidates(r, c))),
             request_deserializer=_lenient(teacher_pb2.CandidatesRequest), response_serializer=serialize_reply),
         "Score": grpc.unary_unary_rpc_method_handler(
-            _unary(lambda r, c: gate.wait(c).Score(r, c)), request_deserializer=_lenient(teacher_pb2.ScoreRequest),
+            metrics.unary("Score", _unary(lambda r, c: gate.wait(c).Score(r, c))),
+            request_deserializer=_lenient(teacher_pb2.ScoreRequest),
             response_serializer=teacher_pb2.ScoreReply.SerializeToString),
         "Info": grpc.unary_unary_rpc_method_handler(
-            _unary(lambda r, c: gate.wait(c).Info(r, c)), request_deserializer=_lenient(teacher_pb2.InfoRequest),
+            metrics.unary("Info", _unary(lambda r, c: gate.wait(c).Info(r, c))),
+            request_deserializer=_lenient(teacher_pb2.InfoRequest),
             response_serializer=teacher_pb2.InfoReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -164,16 +167,18 @@ class RunningServer:
     wait at the gate), then ``attach(runtime)`` serves it (SERVING). ``port`` is the bound one (``port=0`` picks
     a free port)."""
 
-    def __init__(self, config: ServerConfig, max_workers: int = 32, window_s: float | None = None) -> None:
+    def __init__(self, config: ServerConfig, max_workers: int = 32, window_s: float | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         cfg = config
         interceptors = [BearerTokenInterceptor(read_token(cfg.token_file))] if cfg.token_file else []
         self.config, self.window_s = config, window_s
         self.runtime: TeacherRuntime | None = None
         self.service: TeacherService | None = None
         self.gate = ServiceGate()
+        self.metrics = metrics or ServerMetrics()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="brts-rpc"),
                                   options=GRPC_OPTIONS, interceptors=interceptors)
-        _add_service(self.gate, self.server)
+        _add_service(self.gate, self.server, self.metrics)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -202,7 +207,8 @@ class RunningServer:
     def attach(self, runtime: TeacherRuntime) -> "RunningServer":
         """Serve ``runtime`` (its probe passed): open the gate, health SERVING."""
         self.runtime = runtime
-        self.service = TeacherService(runtime, self.window_s)
+        self.metrics.instrument(runtime)
+        self.service = TeacherService(runtime, self.window_s, self.metrics)
         self.gate.open(self.service)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -247,7 +253,32 @@ def serve(config: ServerConfig, teacher_override: str | None = None,
           echo: Callable[[str], None] = print, stop_event: threading.Event | None = None) -> None:
     """Bind (health NOT_SERVING), load the teacher, probe it, then serve (SERVING) until SIGTERM/SIGINT (or
     ``stop_event``). "listening on" is printed once calls can succeed."""
-    running = RunningServer(config).start()
+    metrics = ServerMetrics()
+    # before the gRPC port: a metrics port in use fails with nothing else started
+    metrics_http = _serve_metrics(config, metrics, echo) if config.metrics_port else None
+    try:
+        _serve(config, teacher_override, echo, stop_event, metrics)
+    finally:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+
+
+def _serve_metrics(config: ServerConfig, metrics: ServerMetrics, echo: Callable[[str], None]) -> Any:
+    tls = not is_loopback(config.metrics_host)  # ServerConfig.check made sure a certificate is there
+    try:
+        http = metrics.serve(config.metrics_host, config.metrics_port, config.tls_cert if tls else None,
+                             config.tls_key if tls else None)
+    except OSError as exc:
+        raise OSError(f"metrics_port: cannot serve metrics on {config.metrics_host}:{config.metrics_port} "
+                      f"({exc.strerror or exc}); pick a free port, or 0 for no metrics") from None
+    scheme = "https" if tls else "http"
+    echo(f"brts serve: metrics at {scheme}://{config.metrics_host}:{config.metrics_port}/metrics")
+    return http
+
+
+def _serve(config: ServerConfig, teacher_override: str | None, echo: Callable[[str], None],
+           stop_event: threading.Event | None, metrics: ServerMetrics) -> None:
+    running = RunningServer(config, metrics=metrics).start()
     echo(f"brts serve: bound {running.address}; loading the teacher (health NOT_SERVING until its start-up probe "
          "passes; calls made meanwhile wait)")
     runtime = _load_and_probe(config, teacher_override, running, echo)

@@ -22,6 +22,7 @@ import grpc
 from brts.proto import teacher_pb2, teacher_pb2_grpc
 from brts.server.cache import ServedPrompt
 from brts.server.engines.base import SamplingParams, ScoreItem, ScoreOutput
+from brts.server.metrics import ServerMetrics
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime
 from brts.server.validation import Limits, RequestError, candidates_call, check_generation_fits, score_items
@@ -47,8 +48,10 @@ class Coalescer:
     payload item; each submission receives its slice (or the exception) on its own queue.
     """
 
-    def __init__(self, name: str, run: Callable[[Any, list[Any]], Sequence[Any]], window_s: float) -> None:
-        self._run, self._window = run, window_s
+    def __init__(self, name: str, run: Callable[[Any, list[Any]], Sequence[Any]], window_s: float,
+                 depth: Any = None, sizes: Any = None) -> None:
+        # depth, sizes: a metrics gauge of the submissions waiting and a histogram of the items per call (or None)
+        self._run, self._window, self._depth, self._sizes = run, window_s, depth, sizes
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self.calls = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -56,6 +59,8 @@ class Coalescer:
 
     def submit(self, key: Any, payload: list[Any]) -> _Submission:
         sub = _Submission(key, payload)
+        if self._depth is not None:
+            self._depth.inc()
         self._queue.put(sub)
         return sub
 
@@ -78,6 +83,8 @@ class Coalescer:
                     stop = True
                     break
                 batch.append(item)
+            if self._depth is not None:
+                self._depth.dec(len(batch))
             groups: dict[Any, list[_Submission]] = {}
             for sub in batch:
                 groups.setdefault(sub.key, []).append(sub)
@@ -89,6 +96,8 @@ class Coalescer:
     def _run_group(self, key: Any, subs: list[_Submission]) -> None:
         items = [x for sub in subs for x in sub.payload]
         self.calls += 1
+        if self._sizes is not None:
+            self._sizes.observe(len(items))
         try:
             results = list(self._run(key, items))
         except BaseException as exc:  # noqa: BLE001 - every waiter gets it
@@ -138,17 +147,22 @@ def score_message(output: ScoreOutput) -> Any:
 
 
 class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
-    def __init__(self, runtime: TeacherRuntime, window_s: float | None = None) -> None:
+    def __init__(self, runtime: TeacherRuntime, window_s: float | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         cfg = runtime.config
         self.runtime = runtime
+        self.metrics = metrics or ServerMetrics()
         self.limits = Limits(
             vocab_size=runtime.vocab_size, max_context=runtime.max_context, max_logprob_k=cfg.max_logprob_k,
             max_prompts_per_call=cfg.max_prompts_per_call, max_samples_per_prompt=cfg.max_samples_per_prompt,
             max_pool_offset=cfg.max_pool_offset, max_new_tokens=max(cfg.sampling.max_new_tokens, 1),
         )
         window = cfg.batch_window_ms / 1000 if window_s is None else window_s
-        self.candidates = Coalescer("brts-candidates", self._generate, window)
-        self.scores = Coalescer("brts-score", self._score, window)
+        m = self.metrics
+        self.candidates = Coalescer("brts-candidates", self._generate, window, m.queue_depth.labels("candidates"),
+                                    m.batch_items.labels("candidates"))
+        self.scores = Coalescer("brts-score", self._score, window, m.queue_depth.labels("score"),
+                                m.batch_items.labels("score"))
         # Snapshot reads (decompress + decode, which release the GIL) run on these threads while the RPC thread
         # builds and serializes the messages of the prompts already read: the two overlap instead of adding up.
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brts-read")
@@ -211,6 +225,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         try:
             for job, served in self._snapshot(call):
                 if served.missing == 0 or call.cache_only:
+                    self.metrics.served(served)
                     yield reply_for(served, call.packed_tokens)
                 else:
                     pending.append(job)
@@ -227,6 +242,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
             self._abort(context, exc, "GetCandidates")
             return
         for served in results:
+            self.metrics.served(served)
             yield reply_for(served, call.packed_tokens)
 
     def Score(self, request: Any, context: Any) -> Any:  # noqa: N802

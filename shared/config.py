@@ -165,7 +165,7 @@ class SamplingConfig(_Validated):
         self.require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -196,6 +196,8 @@ class ServerConfig(_Validated):
     max_pool_offset: int = 1 << 20
     batch_window_ms: float = 10.0
     probe_timeout_s: float = 300.0  # the start-up probe's bound (a GPU's first generation can take a while)
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = off
+    metrics_host: str = "127.0.0.1"  # any other address serves HTTPS with tls_cert/tls_key
     mem_fraction: float = 0.6
     tensor_parallel: int = 1
     data_parallel: int = 1
@@ -210,10 +212,16 @@ class ServerConfig(_Validated):
         self.require(self.max_pool_offset >= 0, "max_pool_offset", "must be >= 0")
         self.require(self.batch_window_ms >= 0, "batch_window_ms", "must be >= 0")
         self.require(self.probe_timeout_s > 0, "probe_timeout_s", "must be > 0 seconds")
+        self.require(0 <= self.metrics_port <= 65535, "metrics_port", "must be in 0..65535 (0 = no metrics)")
+        self.require(not self.metrics_port or self.metrics_port != self.port, "metrics_port",
+                     "must differ from port (the gRPC port)")
+        if self.metrics_port and not is_loopback(self.metrics_host) and not (self.tls_cert and self.tls_key):
+            self.fail("metrics_host", f"serving metrics on {self.metrics_host} (not loopback) requires TLS; set "
+                                      "tls_cert and tls_key (the server's certificate serves the metrics too)")
         self.require(0 < self.mem_fraction < 1, "mem_fraction", "must be in (0, 1)")
         self.require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
         self.require(self.data_parallel >= 1, "data_parallel", "must be >= 1")
-        if not _is_loopback(self.host):
+        if not is_loopback(self.host):
             missing = [n for n in ("tls_cert", "tls_key", "token_file") if not getattr(self, n)]
             if missing:
                 self.fail(
