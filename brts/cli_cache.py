@@ -61,18 +61,72 @@ def stats(directory: str, as_json: bool) -> None:
 @cache.command()
 @_dir
 @_json
-def verify(directory: str, as_json: bool) -> None:
-    """Re-read every entry and check its checksum; exit 1 on damage."""
+@click.option("--live", "live_n", type=click.IntRange(min=1), default=None,
+              help="Also compare N sampled cached candidates with the live teacher (--server) at the stored ids.")
+@click.option("--server", default=None, help="HOST:PORT of the `brts serve` whose teacher the cache should match.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --live sample.")
+@click.option("--assume-tokenizer-matches", is_flag=True,
+              help="Compare even when the cache has no tokenizer record for the teacher (written by an older brts).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), help="Bearer token for the server.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), help="PEM CA/cert to trust (enables TLS).")
+def verify(directory: str, as_json: bool, live_n: int | None, server: str | None, seed: int,
+           assume_tokenizer_matches: bool, token_file: str | None, tls_ca: str | None) -> None:
+    """Re-read every entry and check its checksum; exit 1 on damage. With --live N --server HOST:PORT, also check
+    that N cached candidates still match the teacher that server runs (exit 1 beyond tolerance)."""
     from brts.server.cache import admin
 
+    if (live_n is None) != (server is None):
+        raise click.UsageError("--live N and --server HOST:PORT go together")
     try:
         r = admin.verify(directory)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
     lines = [f"{r['path']}: {r['checked']} records checked, " + ("no damage" if r["ok"] else f"{len(r['problems'])} problems")]
     lines += [f"  {p}" for p in r["problems"][:50]]
+    if live_n is not None and server is not None:
+        token = open(token_file).read().strip() if token_file else None
+        r["live"] = _verify_live(directory, server, live_n, seed, assume_tokenizer_matches, token, tls_ca)
+        lines.append(r["live"]["line"])
     _emit(r, as_json, lines)
-    sys.exit(0 if r["ok"] else 1)
+    sys.exit(0 if r["ok"] and r.get("live", {}).get("faithful", True) else 1)
+
+
+def _verify_live(directory: str, server: str, n: int, seed: int, assume: bool, token: str | None,
+                 tls_ca: str | None) -> dict[str, Any]:
+    """The --live check (server/cache/faithful.py): tokenizer record first, then the live comparison."""
+    import numpy as np
+
+    from brts.server.cache import faithful
+    from brts.shared.client import TeacherClient, TeacherUnavailableError
+
+    try:
+        client = TeacherClient(server, token=token, tls_ca=tls_ca)
+    except (TeacherUnavailableError, RuntimeError) as exc:
+        _fail(exc)
+    with client:
+        info = client.info
+        assert info is not None
+        teacher = info.teacher_fingerprint
+        recorded = faithful.recorded_tokenizer(directory, teacher)
+        if recorded is None and not assume:
+            _fail(RuntimeError(f"verify --live: the cache has no tokenizer record for teacher {teacher} (written by "
+                               "an older brts); pass --assume-tokenizer-matches to compare anyway"))
+        if recorded is not None and recorded != info.tokenizer_fingerprint:
+            _fail(RuntimeError(f"verify --live: the server's tokenizer ({info.tokenizer_fingerprint[:12]}) is not the "
+                               f"one teacher {teacher} wrote this cache with ({recorded[:12]}); nothing compared"))
+        samples = faithful.sample_cached(directory, teacher, n, seed)
+        if not samples:
+            _fail(RuntimeError(f"verify --live: the cache holds no candidate of teacher {teacher} (the live server's)"))
+
+        def score(seqs: list, starts: list, ids: list) -> list:
+            return [r.candidate_logprobs for r in client.score(seqs, starts, [np.asarray(i) for i in ids])]
+
+        report = faithful.compare_live(samples, score)
+    verdict = "faithful" if report["faithful"] else "DRIFTED: the cache does not match the live teacher"
+    report["line"] = (f"live: {report['candidates']} candidates ({report['positions']} positions) of teacher "
+                      f"{teacher}: worst drift {report['drift']:.2e} nats beyond the stored rounding (up to "
+                      f"{report['rounding']:.1e}), live-vs-live control spread {report['spread']:.2e}: {verdict}")
+    return report
 
 
 @cache.command()

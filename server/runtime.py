@@ -98,6 +98,7 @@ def build_runtime(config: ServerConfig, teacher_override: str | None = None) -> 
                               top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens)
     pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k,
                                  seed=config.sampling.seed, verifier=verifier)
-    cache = CandidateCache(config.cache_dir, fingerprint, pipeline, store_k=config.max_logprob_k)
-    return TeacherRuntime(config, engine, scorer, tokenizer, fingerprint, tokenizer_fingerprint(tokenizer), cache,
-                          pipeline)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    cache = CandidateCache(config.cache_dir, fingerprint, pipeline, store_k=config.max_logprob_k,
+                           tokenizer_fingerprint=tokenizer_hash)
+    return TeacherRuntime(config, engine, scorer, tokenizer, fingerprint, tokenizer_hash, cache, pipeline)

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from brts.server.cache.codec import CorruptEntryError, Entry, decode_entry, decode_pool, encode_entry, encode_pool
+from brts.server.cache.faithful import record_tokenizer
 from brts.server.cache.keys import PoolAddress, entry_key, name_key, pool_address, sampling_key
 from brts.server.cache.store import DEFAULT_MAP_SIZE, CacheError, LmdbStore
 from brts.server.engines.base import SamplingParams
@@ -96,6 +97,7 @@ class CandidateCache:
         logprob_dtype: str = "float16",
         readonly: bool = False,
         map_size: int = DEFAULT_MAP_SIZE,
+        tokenizer_fingerprint: str | None = None,
     ) -> None:
         if not teacher:
             raise ValueError("teacher: the teacher fingerprint is required (entries are keyed by it)")
@@ -108,6 +110,8 @@ class CandidateCache:
         self._engine_lock = threading.Lock()  # engines are not assumed thread-safe; the server batches anyway
         self.generated = 0  # entries drawn by this process (tests and benches read it)
         self.rescored = 0
+        if tokenizer_fingerprint and not readonly:
+            record_tokenizer(self.store, teacher, tokenizer_fingerprint)
 
     def close(self) -> None:
         self.store.close()
