@@ -55,6 +55,22 @@ def serve(config_file: str | None, overrides: tuple[str, ...], teacher_fingerpri
         _die(f"brts serve: {exc}")
 
 
+def _report_consistency(r: dict[str, Any]) -> None:
+    """--check's teacher checks: the agreement line, one cached candidate against Score; exit 1 beyond tolerance."""
+    agreement, gap = r["agreement"], r["cached_vs_score"]
+    if agreement is not None:
+        click.echo(f"brts prewarm --check: {agreement.line()}")
+    if gap is not None:
+        click.echo(f"brts prewarm --check: one cached candidate's top-K vs Score on the same tokens: {gap:.2e} nats "
+                   "beyond the stored rounding")
+    if agreement is not None and not agreement.ok:
+        _die("brts prewarm --check: the teacher disagrees with itself beyond teacher_agreement_tolerance; serve it "
+             "in float32, or set the tolerance to accept it")
+    if gap is not None and gap > r["tolerance"]:
+        _die(f"brts prewarm --check: the cached candidate differs from the live teacher by {gap:.2e} nats (tolerance "
+             f"{r['tolerance']:.1e}): the cache does not match the teacher serving now (`brts cache verify --live`)")
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of prewarm settings.")
 @click.option("--server", default=None, help="HOST:PORT of a running `brts serve` [127.0.0.1:50051].")
@@ -105,6 +121,7 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
                 if r["hit_rate"] == 0:
                     click.echo("  nothing hit: prewarm has not run for this dataset/teacher, or the prompt spec or "
                                "sampling differs from what was prewarmed (tokenizer, chat template, suffix)", err=True)
+                _report_consistency(r)
                 return
             summary = pw.prewarm(config, client, sampling, progress=not no_progress)
         except ValueError as exc:

@@ -232,6 +232,12 @@ class ServerConfig(_Validated):
             self.fail("tls_key", "tls_cert and tls_key must be given together")
 
 
+def _check_tolerance(config: Any) -> None:
+    tolerance = config.teacher_agreement_tolerance
+    config.require(tolerance is None or tolerance > 0, "teacher_agreement_tolerance",
+                   "must be > 0 nats, or unset for the default of the teacher's dtype")
+
+
 @dataclass
 class PrewarmConfig(_Validated):
     """`brts prewarm`: fill a server's cache over a dataset as its client."""
@@ -245,6 +251,9 @@ class PrewarmConfig(_Validated):
     concurrency: int = 4
     prompts_per_call: int = 16
     logprob_k: int = 16
+    # --check: largest disagreement (nats) of one sequence scored in different batches; None = by the teacher's
+    # dtype (shared/agreement.py: float32 1e-4, bfloat16/float16 0.1)
+    teacher_agreement_tolerance: float | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -256,6 +265,7 @@ class PrewarmConfig(_Validated):
         self.require(self.concurrency >= 1, "concurrency", "must be >= 1")
         self.require(self.prompts_per_call >= 1, "prompts_per_call", "must be >= 1")
         self.require(1 <= self.logprob_k <= MAX_LOGPROB_K, "logprob_k", f"must be in 1..{MAX_LOGPROB_K}")
+        _check_tolerance(self)
 
 
 @dataclass
@@ -299,6 +309,9 @@ class TrainConfig(_Validated):
     server_token_file: str | None = None
     server_tls_ca: str | None = None
     server_retries: int = 8
+    # refuse to start when one sequence scored in different batches disagrees by more (nats); None = by the
+    # teacher's dtype (shared/agreement.py: float32 1e-4, bfloat16/float16 0.1)
+    teacher_agreement_tolerance: float | None = None
     wandb_project: str | None = None
     eval_benchmarks: tuple[str, ...] = BENCHMARKS
     eval_n: int = 4
@@ -317,6 +330,7 @@ class TrainConfig(_Validated):
                          "must name at least one benchmark or set eval_dataset when eval_every > 0")
         self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
+        _check_tolerance(self)
         for name in self.eval_benchmarks:
             if name not in BENCHMARKS:
                 self.fail("eval_benchmarks", f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")

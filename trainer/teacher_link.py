@@ -7,8 +7,9 @@ and the loop agrees on them across ranks before it checkpoints and stops.
 
 Start-up checks (``check_server``, run once by ``brts train`` before any rank starts): the server answers; its
 tokenizer is the student's (the same fingerprint: same id↔token map); the student's logits fit the teacher's
-``vocab_size``; it serves top-K as large as ``logprob_k``; and the share of the first steps' prompts already
-complete in its cache (a prompt-format mismatch with the prewarm shows as ~0 here).
+``vocab_size``; it serves top-K as large as ``logprob_k``; the share of the first steps' prompts already
+complete in its cache (a prompt-format mismatch with the prewarm shows as ~0 here); and that it scores one
+sequence the same however it is batched (shared/agreement.py; refused above ``teacher_agreement_tolerance``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
+from brts.shared.agreement import AgreementReport, check_agreement
 from brts.shared.client import Prompt, PromptCandidates, Sampling, ScoreResult, TeacherClient, TeacherUnavailableError
 from brts.shared.config import TrainConfig
 
 __all__ = ["StartupError", "StartupReport", "TeacherDown", "TeacherLink", "check_server", "make_client", "sampling_of"]
 
 HIT_SAMPLE_STEPS = 4
+AGREEMENT_TEXT = "Question: what is 2 + 3? Answer: 5."  # the agreement check's sequence when no prompt is at hand
+AGREEMENT_TOKENS = 24  # response length of the agreement check's sequence (the prompt's own first ids)
 
 
 class StartupError(RuntimeError):
@@ -92,11 +96,14 @@ class StartupReport:
     model: str
     asked: int
     complete: int
+    agreement: AgreementReport | None = None
 
     def line(self) -> str:
         rate = self.complete / self.asked if self.asked else 0.0
+        agree = f"; {self.agreement.line()}" if self.agreement is not None else ""
         return (f"teacher {self.model} ({self.engine}, {self.teacher_fingerprint[:12]}): tokenizer and vocabulary "
-                f"match; {self.complete}/{self.asked} of the first steps' prompts complete in its cache ({rate:.0%})")
+                f"match; {self.complete}/{self.asked} of the first steps' prompts complete in its cache ({rate:.0%})"
+                f"{agree}")
 
 
 def _student_vocab(student_dir: str) -> int:
@@ -143,4 +150,15 @@ def check_server(config: TrainConfig, first_prompts: Sequence[Prompt]) -> Startu
                 raise StartupError(f"teacher at {config.server} refused a candidates request: {exc.code().name}: "
                                    f"{exc.details()}") from None
             complete = sum(r.missing == 0 for r in results)
-        return StartupReport(info.teacher_fingerprint, info.engine, info.model, len(first_prompts), complete)
+        prompt = list(first_prompts[0].prompt_ids) if first_prompts else student_tok.encode(AGREEMENT_TEXT)
+        try:
+            agreement = check_agreement(client, prompt, prompt[:AGREEMENT_TOKENS], info.dtype,
+                                        config.teacher_agreement_tolerance)
+        except grpc.RpcError as exc:
+            raise StartupError(f"teacher at {config.server} refused the agreement check's Score: "
+                               f"{exc.code().name}: {exc.details()}") from None
+        if not agreement.ok:
+            raise StartupError(f"{agreement.line()}: the teacher at {config.server} is not consistent enough to "
+                               "distil from; serve it in float32, or set teacher_agreement_tolerance to accept it")
+        return StartupReport(info.teacher_fingerprint, info.engine, info.model, len(first_prompts), complete,
+                             agreement)

@@ -196,6 +196,9 @@ class KilledPrewarm:
         check = self.forks.start([*self.prewarm_args, "--check"], self.tmp / "check.log")
         assert check.wait(whole) == 0, check.output()
         assert f"{PROMPTS}/{PROMPTS} sampled prompts fully cached (100%)" in check.output(), check.output()
+        # --check also checks the teacher: its agreement with itself, and one cached candidate against Score
+        assert "teacher agreement: one sequence" in check.output(), check.output()
+        assert "one cached candidate's top-K vs Score on the same tokens" in check.output(), check.output()
         rerun = self.prewarm("prompts_per_call=64")
         assert rerun.wait(whole) == 0, rerun.output()[-3000:]
         assert f"({PROMPTS} already cached" in rerun.output(), rerun.output()

@@ -137,3 +137,48 @@ def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_
     assert "stopped answering" in last and "--resume" in last
     done = max(x["step"] for x in metrics(run))
     assert (run / "checkpoints" / f"step_{done:06d}" / "COMPLETE").is_file()  # no finished step was lost
+
+
+def _bf16_teacher(folder: Path) -> Path:
+    """A random Qwen2 in bfloat16 wide enough (hidden 512) that its CPU kernels round a sequence differently in
+    different batches (measured: ~8e-3 nats apart; at hidden 64 bf16 batchings agree bit for bit)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from brts.shared.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=[151645, 151643])
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [151645, 151643]
+    model.save_pretrained(folder)
+    load_tokenizer("qwen2.5-instruct").save_pretrained(folder)
+    return folder
+
+
+def test_a_teacher_that_disagrees_with_itself_is_refused(env, tmp_path):
+    """The agreement check for real: a bf16 teacher passes at its dtype's default tolerance with the disagreement it
+    measured, and `brts train` with a tolerance below that measurement refuses to start with one line."""
+    from brts.trainer.preflight import load_train_config
+    from brts.trainer.teacher_link import StartupError, check_server
+
+    server = ServerProcess(_bf16_teacher(tmp_path / "bf16-teacher"), tmp_path / "cache", ["--dtype", "bfloat16"])
+    try:
+        cfg = _config(env, "agree", server=server.address)
+        config, _ = load_train_config(cfg)
+        report = check_server(config, [])
+        measured = report.agreement.disagreement
+        print(report.agreement.line())  # shown with -s: the figure for the notes
+        assert report.agreement.dtype == "bfloat16" and report.agreement.tolerance == 0.1 and report.agreement.ok
+        assert 0 < measured < 0.1, report.line()
+        with pytest.raises(StartupError, match="teacher agreement"):
+            check_server(load_train_config(cfg, [f"teacher_agreement_tolerance={measured / 10!r}"])[0], [])
+        refused = train("--config", str(cfg), f"teacher_agreement_tolerance={measured / 10!r}")
+    finally:
+        server.stop()
+    assert refused.returncode == 1
+    line = one_line(refused.stderr)
+    assert "teacher agreement" in line and "disagrees by at most" in line and "teacher_agreement_tolerance" in line
+    assert not (env["root"] / "agree" / "checkpoints").exists()
