@@ -23,6 +23,11 @@ from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402
 from brts.shared.client import TeacherClient  # noqa: E402
 
 HANG_S = 600.0  # hang guards only
+# A client started before the server reconnects every <= 100 ms instead of grpc's 1 s+ backoff, so its first call
+# reaches the server within 100 ms of the bind, while the teacher still loads: the server imports torch and
+# transformers only after binding (seconds in a fresh interpreter, on any machine).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+                  ("grpc.max_reconnect_backoff_ms", 100)]
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -40,12 +45,28 @@ def _session_processes(sid: int) -> list[str]:
 
 def _serve_fails(model: Path, tmp_path: Path, *extra: str) -> str:
     """Run `brts serve` on ``model`` expecting exit 1; its last stderr line (the one line that explains), after
-    checking it never said "listening on" and left no process of its session behind."""
-    proc = subprocess.Popen([*BRTS, "serve", "--model", str(model), "--cache", str(tmp_path / "cache"), "--port", "0",
-                             "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), start_new_session=True)
+    checking it never said "listening on", answered a call made while it started with UNAVAILABLE and that
+    reason, and left no process of its session behind."""
+    port, waited = free_port(), {}
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT)
+
+    def early_call() -> None:
+        try:
+            teacher_pb2_grpc.TeacherServiceStub(channel).Info(teacher_pb2.InfoRequest(), wait_for_ready=True,
+                                                              timeout=HANG_S)
+        except grpc.RpcError as exc:
+            waited["code"], waited["details"] = exc.code(), exc.details()
+
+    caller = threading.Thread(target=early_call)
+    caller.start()
+    proc = subprocess.Popen([*BRTS, "serve", "--model", str(model), "--cache", str(tmp_path / "cache"), "--port",
+                             str(port), "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), start_new_session=True)
     out, err = proc.communicate(timeout=HANG_S)
+    caller.join(timeout=HANG_S)
+    channel.close()
     assert proc.returncode == 1, out + err
+    assert waited.get("code") == grpc.StatusCode.UNAVAILABLE and "failed to start" in waited["details"], waited
     assert "bound 127.0.0.1:" in out and "listening on" not in out, out
     assert not _session_processes(proc.pid), _session_processes(proc.pid)
     last = [line for line in err.splitlines() if line.strip()][-1]
@@ -55,12 +76,12 @@ def _serve_fails(model: Path, tmp_path: Path, *extra: str) -> str:
 
 def test_port_first_then_serving_after_the_probe_and_early_calls_wait(toy_teacher_dir: Path, tmp_path: Path) -> None:
     """Clients connect before the server process exists: the health watch's first answer comes while the teacher
-    loads (NOT_SERVING: the load takes seconds, the answer milliseconds), SERVING follows, and an Info call and a
-    stock "channel ready, then call" client made meanwhile both succeed once it serves."""
+    loads (NOT_SERVING: see FAST_RECONNECT), SERVING follows, and an Info call and a stock "channel ready, then
+    call" client made meanwhile both succeed once it serves."""
     port = free_port()
     statuses: list[int] = []
     results: dict[str, object] = {}
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT)
 
     def watch() -> None:
         stub = health_pb2_grpc.HealthStub(channel)
