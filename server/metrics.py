@@ -121,7 +121,9 @@ class ServerMetrics:
     def instrument(self, runtime: Any) -> None:
         """Time the runtime's engine generation and exact scorer where the pipeline and the service call them."""
         pipeline = runtime.pipeline
-        engine = _Timed(pipeline.engine, {"generate": self.timed(self.engine_seconds, pipeline.engine.generate)})
+        timed = {name: self.timed(self.engine_seconds, getattr(pipeline.engine, name))
+                 for name in ("generate", "generate_with_logprobs") if hasattr(pipeline.engine, name)}
+        engine = _Timed(pipeline.engine, timed)
         scorer = _Timed(runtime.scorer, {"score": self.timed(self.scorer_seconds, runtime.scorer.score)})
         pipeline.engine, pipeline.scorer, runtime.scorer = engine, scorer, scorer
 
