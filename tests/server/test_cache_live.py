@@ -10,6 +10,7 @@ folder, so each live server has a scratch cache of its own).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_a_server_with_another_tokenizer_is_refused_without_comparing(written: P
     from brts.shared.tokenizer import load_tokenizer
 
     other = _copy_teacher(toy_teacher_dir, tmp_path / "other-tokenizer")
-    tokenizer = load_tokenizer(other)
+    tokenizer = copy.deepcopy(load_tokenizer(other))  # the loaded one is shared: never change it
     tokenizer.add_tokens(["<brts-extra-token>"])
     tokenizer.save_pretrained(other)
     with LiveServer(other, tmp_path / "scratch") as server:

@@ -9,6 +9,7 @@ run (the session fixture ``uninterrupted`` of tests/conftest.py, so the run happ
 
 from __future__ import annotations
 
+import copy
 import math
 import signal
 import sys
@@ -98,7 +99,7 @@ def test_startup_problems_end_with_one_line(env, uninterrupted, tmp_path):
 
     from brts.shared.tokenizer import load_tokenizer
 
-    other = load_tokenizer("qwen2.5-instruct")
+    other = copy.deepcopy(load_tokenizer("qwen2.5-instruct"))  # the loaded one is shared: never change it
     other.add_tokens(["<brts-extra-token>"])
     odd = make_student(tmp_path / "odd-student", tokenizer=other)
     mismatch = train("--config", str(_config(env, "mismatch", student=str(odd))))
