@@ -74,6 +74,7 @@ def test_the_same_teacher_is_faithful(written: Path, toy_teacher_dir: Path, tmp_
         result = _verify(written, server, "--json")
     assert result.exit_code == 0, result.output
     live = json.loads(result.stdout)["live"]
+    print(live["line"])  # shown with -s: the figure for the notes
     assert live["faithful"] and live["candidates"] == 6 and live["positions"] > 6
     assert live["drift"] <= live["tolerance"] and live["rounding"] > 0  # float16 storage: its rounding is allowed
 

@@ -166,6 +166,7 @@ def test_start_up_probe_compares_the_engine_with_the_exact_scorer(engine, tiny, 
     from brts.server.probe import ProbeError, probe_teacher
 
     report = probe_teacher(_probe_runtime(engine, tiny[1], tiny[0]), timeout_s=600)
+    print(report.line())  # shown with -s: the figure for the notes
     assert report.tokens >= 1 and report.engine_gap is not None and report.engine_gap <= 1e-4, report
     other = build_tiny_qwen2(tiny[0].parent / "other-teacher", seed=1)
     with pytest.raises(ProbeError, match=r"vllm engine's log-probs differ from the exact scorer's by .* float32"):
