@@ -102,7 +102,9 @@ def test_a_server_with_another_tokenizer_is_refused_without_comparing(written: P
     from brts.shared.tokenizer import load_tokenizer
 
     other = _copy_teacher(toy_teacher_dir, tmp_path / "other-tokenizer")
-    tokenizer = copy.deepcopy(load_tokenizer(other))  # the loaded one is shared: never change it
+    # a copy of the teacher's (loaded tokenizers are shared per path: never change one, and never load `other`
+    # before its files are final, or the server would be handed the cached, unchanged one)
+    tokenizer = copy.deepcopy(load_tokenizer(toy_teacher_dir))
     tokenizer.add_tokens(["<brts-extra-token>"])
     tokenizer.save_pretrained(other)
     with LiveServer(other, tmp_path / "scratch") as server:
