@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from brts.server.cache.faithful import drift_report
 from brts.shared.agreement import check_agreement
 from brts.shared.client import Prompt, PromptCandidates, Sampling, TeacherClient
 from brts.shared.config import PrewarmConfig
@@ -125,8 +126,8 @@ def check(cfg: PrewarmConfig, client: TeacherClient, sampling: Sampling | None =
     results = list(client.get_candidates(prompts, sampling, cfg.logprob_k, cache_only=True))
     hits = sum(r.missing == 0 for r in results)
     dtype = client.info.dtype if client.info is not None else ""
-    agreement = check_agreement(client, prompts[0].prompt_ids, prompts[0].prompt_ids[:24], dtype,
-                                cfg.teacher_agreement_tolerance) if prompts else None
+    agreement = check_agreement(client, prompts[0].prompt_ids, dtype, cfg.teacher_agreement_tolerance) \
+        if prompts else None
     by_id = {p.prompt_id: p for p in prompts}
     cached = next(((by_id[r.prompt_id], c) for r in results for c in r.candidates if c.topk_ids is not None), None)
     return {"asked": len(results), "complete": hits, "hit_rate": hits / max(len(results), 1),
@@ -137,11 +138,9 @@ def check(cfg: PrewarmConfig, client: TeacherClient, sampling: Sampling | None =
 
 def cached_vs_score(client: TeacherClient, prompt: Prompt, candidate: Any) -> float:
     """Largest |cached - Score| log-prob, at the cached top-K ids of one candidate, after its original prompt,
-    beyond the float16 rounding of the stored value (the server sends the stored dtype)."""
+    beyond the rounding of the stored value (the server sends the stored dtype): ``faithful.drift_report``'s rule."""
     seq = list(prompt.prompt_ids) + [int(t) for t in candidate.token_ids]
-    (live,) = client.score([seq], [len(prompt.prompt_ids)], [np.asarray(candidate.topk_ids)],
-                           logprob_k=int(candidate.topk_ids.shape[1]))
-    real = np.asarray(candidate.topk_ids) >= 0
-    stored = np.asarray(candidate.topk_logprobs)[real]
-    gap = np.abs(live.candidate_logprobs[real].astype(np.float64) - stored.astype(np.float64))
-    return float(np.max(gap - np.spacing(np.abs(stored)).astype(np.float64) / 2)) if gap.size else 0.0
+    ids = np.asarray(candidate.topk_ids)
+    (live,) = client.score([seq], [len(prompt.prompt_ids)], [ids], logprob_k=int(ids.shape[1]))
+    stored, scored = np.asarray(candidate.topk_logprobs), live.candidate_logprobs
+    return float(drift_report([stored], [ids], [scored], [scored])["drift"])

@@ -25,6 +25,7 @@ import numpy as np
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
 PROBE_K = 8
+RESPONSE_TOKENS = 24  # the probe's response: the prompt's own first ids (valid ids of any tokenizer's prompt)
 
 
 def default_tolerance(dtype: str) -> float:
@@ -65,11 +66,13 @@ def batch_plan(probe: list[int], others: Sequence[list[int]]) -> list[list[list[
     return [[probe], [probe], [probe, a], [a, probe], [a, probe, b], [b, a, probe]]
 
 
-def check_agreement(client: Any, prompt_ids: Sequence[int], response_ids: Sequence[int], dtype: str,
+def check_agreement(client: Any, prompt_ids: Sequence[int], dtype: str,
                     tolerance: float | None = None) -> AgreementReport:
-    """Score ``prompt_ids + response_ids`` in every batch of ``batch_plan`` concurrently with ``client`` (a
-    ``TeacherClient``) at the top-K ids of a first scoring, and report the largest disagreement."""
-    probe, start = list(prompt_ids) + list(response_ids), len(prompt_ids)
+    """Score ``prompt_ids`` + a response of its first ``RESPONSE_TOKENS`` ids in every batch of ``batch_plan``
+    concurrently with ``client`` (a ``TeacherClient``) at the top-K ids of a first scoring, and report the
+    largest disagreement."""
+    response_ids = list(prompt_ids)[:RESPONSE_TOKENS]
+    probe, start = list(prompt_ids) + response_ids, len(prompt_ids)
     (first,) = client.score([probe], [start], logprob_k=PROBE_K)
     ids = np.asarray(first.topk_ids)
     others = [list(prompt_ids) + list(response_ids[: max(1, len(response_ids) // 2)]),

@@ -30,8 +30,7 @@ from brts.shared.config import TrainConfig
 __all__ = ["StartupError", "StartupReport", "TeacherDown", "TeacherLink", "check_server", "make_client", "sampling_of"]
 
 HIT_SAMPLE_STEPS = 4
-AGREEMENT_TEXT = "Question: what is 2 + 3? Answer: 5."  # the agreement check's sequence when no prompt is at hand
-AGREEMENT_TOKENS = 24  # response length of the agreement check's sequence (the prompt's own first ids)
+AGREEMENT_TEXT = "Question: what is 2 + 3? Answer: 5."  # the agreement check's prompt when no prompt is at hand
 
 
 class StartupError(RuntimeError):
@@ -152,8 +151,7 @@ def check_server(config: TrainConfig, first_prompts: Sequence[Prompt]) -> Startu
             complete = sum(r.missing == 0 for r in results)
         prompt = list(first_prompts[0].prompt_ids) if first_prompts else student_tok.encode(AGREEMENT_TEXT)
         try:
-            agreement = check_agreement(client, prompt, prompt[:AGREEMENT_TOKENS], info.dtype,
-                                        config.teacher_agreement_tolerance)
+            agreement = check_agreement(client, prompt, info.dtype, config.teacher_agreement_tolerance)
         except grpc.RpcError as exc:
             raise StartupError(f"teacher at {config.server} refused the agreement check's Score: "
                                f"{exc.code().name}: {exc.details()}") from None
