@@ -140,7 +140,7 @@ def bench_read(args: argparse.Namespace) -> None:
     from brts.server.cache import CandidateCache
     from brts.server.cache.codec import _ENVELOPE, MAGIC_ENTRY, _open, checksum, decode_entry
     from brts.server.cache.keys import entry_key, pool_address, sampling_key
-    from brts.server.engines.base import SamplingParams
+    from brts.shared.engines.base import SamplingParams
     from brts.server.pipeline import PromptJob
 
     k, tokens = 16, args.tokens
@@ -252,8 +252,8 @@ class ReplayDraws:
 def bench_size(args: argparse.Namespace) -> None:
     from brts.server.cache import CandidateCache, LmdbStore
     from brts.server.cache.codec import decode_entry
-    from brts.server.engines.base import SamplingParams
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.base import SamplingParams
+    from brts.shared.engines.hf import HFEngine
     from brts.server.fingerprint import teacher_fingerprint
     from brts.server.pipeline import CandidatePipeline, PromptJob
     from brts.server.toy import make_problems, toy_prompt_spec

@@ -65,7 +65,7 @@ def build_tiny_model(path: Path, hidden: int, layers: int, seed: int = 0) -> Non
 
 
 def make_requests(n_prompts: int, n_samples: int, min_len: int, max_len: int, seed: int) -> list[Any]:
-    from brts.server.engines.base import GenerationRequest
+    from brts.shared.engines.base import GenerationRequest
 
     rng = np.random.default_rng(seed)
     reqs = []
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from brts.server.engines.base import GenerationRequest, SamplingParams
+    from brts.shared.engines.base import GenerationRequest, SamplingParams
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in engines:
         t0 = time.perf_counter()
         if name == "hf":
-            from brts.server.engines.hf import HFEngine
+            from brts.shared.engines.hf import HFEngine
 
             eng = HFEngine.from_pretrained(model_dir, device="auto", dtype=args.dtype)
         else:
-            from brts.server.engines.vllm_engine import VLLMEngine
+            from brts.shared.engines.vllm_engine import VLLMEngine
 
             eng = VLLMEngine(model_dir, dtype=args.dtype, max_model_len=max_len, seed=0)
         start = time.perf_counter() - t0

@@ -9,7 +9,7 @@ T×V fp32 logits (8,192 × 151,936 × 4 B = 5 GB, and as much again for their lo
 The model is a tiny random Qwen2 with the real Qwen2.5 vocabulary (151,936), so that the vocabulary-sized
 tensors dominate as they do for real teachers. Each case runs in its own subprocess so that its peak is its
 own: ``baseline`` builds the model and the inputs and stops; ``scorer`` then scores with
-``brts.server.scorer.TorchScorer`` (top-K and candidate ids at every response position); ``naive`` runs
+``brts.shared.engines.scorer.TorchScorer`` (top-K and candidate ids at every response position); ``naive`` runs
 ``model(input_ids).logits`` → fp32 ``log_softmax`` → top-K and gather. On CPU a case's peak is the child's
 peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) minus the baseline child's; on CUDA it is
 ``torch.cuda.max_memory_allocated`` above what was allocated before scoring. The two cases' top-K log-probs
@@ -66,8 +66,8 @@ def _child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     top = None
     if args.mode == "scorer":
-        from brts.server.engines.base import ScoreItem
-        from brts.server.scorer import TorchScorer
+        from brts.shared.engines.base import ScoreItem
+        from brts.shared.engines.scorer import TorchScorer
 
         scorer = TorchScorer(model, chunk_size=args.chunk)
         (out,) = scorer.score([ScoreItem(tuple(ids.tolist()), 1, cand.numpy())], k=args.k)

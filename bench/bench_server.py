@@ -182,7 +182,7 @@ class FixedLengthEngine:
         self.samples = 0
 
     def generate(self, requests: Sequence[Any], sampling: Any) -> list[list[Any]]:
-        from brts.server.engines.base import Generation
+        from brts.shared.engines.base import Generation
 
         out = []
         for req in requests:
@@ -209,7 +209,7 @@ class TeacherLikeScorer:
         self.max_context = max_context
 
     def score(self, items: Sequence[Any], k: int) -> list[Any]:
-        from brts.server.engines.base import ScoreOutput
+        from brts.shared.engines.base import ScoreOutput
         from brts.shared.topk import TopK
 
         outs = []
@@ -234,7 +234,7 @@ class TeacherLikeScorer:
 def hit_runtime(folder: Path, args: argparse.Namespace) -> Any:
     """A ``TeacherRuntime`` around the doubles, with the real pipeline, verifier and cache."""
     from brts.server.cache import CandidateCache
-    from brts.server.engines.base import SamplingParams
+    from brts.shared.engines.base import SamplingParams
     from brts.server.pipeline import CandidatePipeline
     from brts.server.runtime import TeacherRuntime
     from brts.shared.config import ServerConfig, load_config

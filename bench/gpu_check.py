@@ -7,7 +7,7 @@ Why this exists: the test suite and the CPU benches run on machines without a GP
 our code behaves under CUDA kernels, bf16 tensor-core matmuls, the caching allocator or NCCL. On one GPU this
 script checks and measures, each section on its own (a failure is recorded and the next section still runs):
 
-1. ``hf`` engine (``brts.server.engines.hf.HFEngine``) on a random tiny Qwen2 with the real 151,936 vocabulary in
+1. ``hf`` engine (``brts.shared.engines.hf.HFEngine``) on a random tiny Qwen2 with the real 151,936 vocabulary in
    bf16: prompts x samples x new tokens, tokens/s; the EOS convention (a "stop" sample ends with exactly one EOS
    and has none before it, a "length" sample has exactly max_new_tokens and no EOS); and whether a seed's sample
    is the same alone as inside a bigger batch (bf16 batched kernels may differ: the share identical is reported,
@@ -53,7 +53,7 @@ def ensure_importable() -> str:
     """Make ``brts`` importable: installed already, or through a folder of symlinks mirroring pyproject's
     package-dir mapping (exported in PYTHONPATH so the bench subprocesses see it too)."""
     try:
-        import brts.server.engines.hf  # noqa: F401
+        import brts.shared.engines.hf  # noqa: F401
         import brts.trainer.losses  # noqa: F401
 
         return "installed"
@@ -74,7 +74,7 @@ def ensure_importable() -> str:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for mod in [m for m in sys.modules if m == "brts" or m.startswith("brts.")]:
         del sys.modules[mod]
-    import brts.server.engines.hf  # noqa: F401
+    import brts.shared.engines.hf  # noqa: F401
 
     return f"shim at {shim}"
 
@@ -151,8 +151,8 @@ def engine_setup(args: argparse.Namespace, dev: Any) -> tuple[Any, Any, Any, lis
     """The random tiny Qwen2 (CPU fp32 master copy and a bf16 copy on ``dev``), tokenizer, requests, sampling."""
     import torch
 
-    from brts.server.engines.base import GenerationRequest, SamplingParams
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.base import GenerationRequest, SamplingParams
+    from brts.shared.engines.hf import HFEngine
     from brts.shared.tokenizer import bundled_tokenizer_dir, load_tokenizer
 
     tok = load_tokenizer(bundled_tokenizer_dir())
@@ -181,8 +181,8 @@ def engine_setup(args: argparse.Namespace, dev: Any) -> tuple[Any, Any, Any, lis
 def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     import torch
 
-    from brts.server.engines.base import SamplingParams
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.base import SamplingParams
+    from brts.shared.engines.hf import HFEngine
 
     model, model_bf16, tok, requests, sampling = engine_setup(args, dev)
     engine = HFEngine(model_bf16, tok)
@@ -310,8 +310,8 @@ def check_scorer(args: argparse.Namespace, dev: Any, res: dict, model_cpu: Any, 
     import numpy as np
     import torch
 
-    from brts.server.engines.base import ScoreItem
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.base import ScoreItem
+    from brts.shared.engines.hf import HFEngine
 
     out: dict[str, Any] = {}
     res["scorer"] = out
@@ -606,7 +606,7 @@ def diag_engine(args: argparse.Namespace, dev: Any, res: dict) -> None:
     """
     import torch
 
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.hf import HFEngine
 
     out: dict[str, Any] = {}
     res["diag_engine"] = out

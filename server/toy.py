@@ -43,7 +43,7 @@ from brts.shared.data import Problem
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from brts.server.engines.base import GenerationEngine, SamplingParams
+    from brts.shared.engines.base import GenerationEngine, SamplingParams
     from brts.shared.prompts import PromptSpec
 
 __all__ = [
@@ -368,7 +368,7 @@ def evaluate_toy(
 ) -> ToyEval:
     """Accuracy of ``engine`` on toy problems (one engine call); ``hinted`` puts the Tier-2 hint into every
     prompt, as the pipeline's Tier 2 does."""
-    from brts.server.engines.base import GenerationRequest
+    from brts.shared.engines.base import GenerationRequest
     from brts.shared.answers import extract_boxed, normalize_integer
     from brts.shared.hints import hinted_prompt_ids
 

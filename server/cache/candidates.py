@@ -26,7 +26,7 @@ from brts.server.cache.codec import CorruptEntryError, Entry, decode_entry, deco
 from brts.server.cache.faithful import record_tokenizer
 from brts.server.cache.keys import PoolAddress, entry_key, name_key, pool_address, sampling_key
 from brts.server.cache.store import DEFAULT_MAP_SIZE, CacheError, LmdbStore
-from brts.server.engines.base import SamplingParams
+from brts.shared.engines.base import SamplingParams
 from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, CandidateRecord, Draw, PromptJob, derive_seed
 from brts.shared.topk import TopK
 from brts.shared.verify import answers_correct_batch

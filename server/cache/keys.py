@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brts.server.engines.base import SamplingParams
+from brts.shared.engines.base import SamplingParams
 from brts.server.cache.codec import PoolHeader
 from brts.shared.hints import HINT_VERSION
 

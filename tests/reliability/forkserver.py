@@ -31,7 +31,7 @@ from server_proc import ServerProcess, free_port  # noqa: E402 - light: no torch
 
 HEAVY_IMPORTS = (
     "numpy", "torch", "transformers", "transformers.models.qwen2.modeling_qwen2", "brts.cli", "brts.cli_serve",
-    "brts.shared.tokenizer", "brts.shared.prompts", "brts.shared.data", "brts.server.engines.hf",
+    "brts.shared.tokenizer", "brts.shared.prompts", "brts.shared.data", "brts.shared.engines.hf",
     "brts.server.runtime",
 )
 

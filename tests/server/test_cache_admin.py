@@ -23,7 +23,7 @@ from cache_doubles import job, make_pipeline  # noqa: E402
 from brts.cli import main  # noqa: E402
 from brts.server.cache import CandidateCache, CorruptEntryError, admin  # noqa: E402
 from brts.server.cache.store import LmdbStore  # noqa: E402
-from brts.server.engines.base import SamplingParams  # noqa: E402
+from brts.shared.engines.base import SamplingParams  # noqa: E402
 from brts.shared.tokenizer import bundled_tokenizer_dir  # noqa: E402
 
 SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=32)

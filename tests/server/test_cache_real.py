@@ -20,7 +20,7 @@ import pytest
 
 from brts.server.cache import CandidateCache, LmdbStore
 from brts.server.cache.codec import decode_entry
-from brts.server.engines.base import SamplingParams, ScoreItem
+from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.server.fingerprint import teacher_fingerprint
 from brts.server.pipeline import TIER2, CandidatePipeline, PromptJob
 from brts.server.toy import make_problems, toy_prompt_spec

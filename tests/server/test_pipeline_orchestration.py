@@ -7,7 +7,7 @@ every branch (Tier-1 correct, Tier-2 rescue, Tier-2 leak, all-fail) is reached d
 import numpy as np
 import pytest
 
-from brts.server.engines.base import Generation, SamplingParams, ScoreOutput
+from brts.shared.engines.base import Generation, SamplingParams, ScoreOutput
 from brts.server.pipeline import CandidatePipeline, PromptJob, derive_seed
 from brts.shared.hints import build_hint
 from brts.shared.topk import TopK

@@ -8,14 +8,13 @@ kept carries the teacher's exact top-K after the ORIGINAL prompt. 120 toy proble
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from brts.server.engines.base import SamplingParams
+from brts.shared.engines.base import SamplingParams
 from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, PromptJob
 from brts.server.toy import make_problems, toy_prompt_spec
 from brts.shared.answers import extract_boxed, normalize_integer

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from brts.server.engines.base import SamplingParams
+from brts.shared.engines.base import SamplingParams
 from brts.server.toy import (
     QUALITIES,
     TOY_SOURCE,
@@ -95,7 +95,7 @@ def test_fit_is_cached_and_keyed_by_settings(tmp_path: Path) -> None:
     assert fit_toy_model(tmp_path / "s", quality="student", steps=6, eval_every=3, eval_size=8, batch_size=8) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     # the folder loads as a normal checkpoint with its tokenizer and EOS ids
-    from brts.server.engines.hf import HFEngine
+    from brts.shared.engines.hf import HFEngine
 
     engine = HFEngine.from_pretrained(out, device="cpu", dtype="float32")
     assert engine.eos_token_ids == (151645, 151643) and engine.vocab_size == TOY_VOCAB_SIZE

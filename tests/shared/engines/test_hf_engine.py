@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from brts.server.engines.base import GenerationEngine, GenerationRequest, SamplingParams
-from brts.server.engines.hf import HFEngine
+from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams
+from brts.shared.engines.hf import HFEngine
 
 NO_EOS = (999,)  # an id the tiny random model practically never emits at these lengths (checked in the tests)
 

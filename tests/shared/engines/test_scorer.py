@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from brts.server.engines.base import ScoreItem, Scorer
-from brts.server.scorer import TorchScorer
+from brts.shared.engines.base import ScoreItem, Scorer
+from brts.shared.engines.scorer import TorchScorer
 
 
 def reference_logprobs(model: Any, token_ids: tuple[int, ...], response_start: int) -> torch.Tensor:

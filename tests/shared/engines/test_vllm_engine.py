@@ -22,7 +22,7 @@ pytestmark = [
 
 torch = pytest.importorskip("torch")
 
-from brts.server.engines.base import GenerationEngine, GenerationRequest, SamplingParams  # noqa: E402
+from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams  # noqa: E402
 
 EOS, EOS2 = 151645, 151643  # <|im_end|>, <|endoftext|>: the Qwen2.5-Instruct generation config's EOS ids
 VOCAB = 151936
@@ -66,7 +66,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    from brts.server.engines.vllm_engine import VLLMEngine
+    from brts.shared.engines.vllm_engine import VLLMEngine
 
     try:
         eng = VLLMEngine(tiny[0], dtype="float32", max_model_len=MAX_LEN, seed=0)
@@ -136,8 +136,8 @@ def test_generation_logprobs_match_transformers(engine, tiny, k):
 
 def test_generation_logprobs_match_torch_scorer(engine, tiny):
     """The same agreement against the project's exact scorer (what the pipeline uses for scoring)."""
-    scorer_mod = pytest.importorskip("brts.server.scorer")
-    from brts.server.engines.base import ScoreItem
+    scorer_mod = pytest.importorskip("brts.shared.engines.scorer")
+    from brts.shared.engines.base import ScoreItem
 
     scorer = scorer_mod.TorchScorer(tiny[1], max_context=MAX_LEN)
     req = GenerationRequest(_prompt(11, 3), (21, 22))
@@ -153,7 +153,7 @@ def _probe_runtime(engine, scorer_model, tiny_dir):
     """What the start-up probe reads of a runtime, over the real vLLM engine and a real exact scorer."""
     from types import SimpleNamespace
 
-    from brts.server.scorer import TorchScorer
+    from brts.shared.engines.scorer import TorchScorer
     from brts.shared.tokenizer import load_tokenizer
 
     return SimpleNamespace(engine=engine, scorer=TorchScorer(scorer_model, max_context=MAX_LEN), dtype="float32",

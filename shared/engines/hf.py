@@ -24,10 +24,11 @@ from typing import Any, Sequence
 
 import torch
 
-from brts.server.engines.base import Generation, GenerationRequest, SamplingParams, check_token_ids
-from brts.server.scorer import DEFAULT_CHUNK_SIZE, TorchScorer, load_causal_lm, logits_dim
+from brts.shared.engines.base import EngineOptions, Generation, GenerationRequest, SamplingParams, check_token_ids
+from brts.shared.engines.loading import load_causal_lm, logits_dim
+from brts.shared.engines.scorer import DEFAULT_CHUNK_SIZE, TorchScorer
 
-__all__ = ["HFEngine"]
+__all__ = ["HFEngine", "build"]
 
 #: Top-p first looks at this many most likely tokens; only rows whose nucleus is wider fall back to a full sort.
 _NUCLEUS_PROBE = 64
@@ -268,3 +269,11 @@ class HFEngine:
         last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(-1)
         col = torch.minimum(col, last_nonzero)
         return col if idx is None else idx.gather(1, col.unsqueeze(-1)).squeeze(-1)
+
+
+def build(model: str | os.PathLike[str], options: EngineOptions, *, tokenizer: Any | None = None,
+          max_batch_size: int = 64) -> HFEngine:
+    """The registry's builder: one in-process model on ``options.device`` in ``options.dtype`` (the other options
+    are for serving engines and do not apply). ``tokenizer``: the caller's own, else the folder's, if any."""
+    return HFEngine.from_pretrained(model, options.device, options.dtype, tokenizer=tokenizer,
+                                    max_batch_size=max_batch_size)

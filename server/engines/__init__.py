@@ -1,1 +1,0 @@
-"""Teacher engines behind one protocol (``base``): ``hf`` (embedded default), ``vllm`` and ``sglang``."""
