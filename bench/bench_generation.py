@@ -125,17 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {desc}, {args.dtype}; {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
           f"T={args.temperature} top_p={args.top_p}; torch threads {torch.get_num_threads()}", flush=True)
 
+    from brts.shared.engines import make_engine
+
     rows = []
     for name in engines:
         t0 = time.perf_counter()
-        if name == "hf":
-            from brts.shared.engines.hf import HFEngine
-
-            eng = HFEngine.from_pretrained(model_dir, device="auto", dtype=args.dtype)
-        else:
-            from brts.shared.engines.vllm_engine import VLLMEngine
-
-            eng = VLLMEngine(model_dir, dtype=args.dtype, max_model_len=max_len, seed=0)
+        own = {"max_model_len": max_len, "seed": 0} if name == "vllm" else {}
+        eng = make_engine(name, model_dir, device="auto", dtype=args.dtype, **own)
         start = time.perf_counter() - t0
         try:
             row = time_engine(name, eng, reqs, sampling, warmup)

