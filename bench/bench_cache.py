@@ -214,7 +214,7 @@ def bench_read(args: argparse.Namespace) -> None:
 
 
 def toy_teacher_dir(arg: Path | None) -> Path:
-    from brts.server.toy import fit_toy_model
+    from brts.toy import fit_toy_model
 
     if arg is not None:
         folder = arg
@@ -256,7 +256,7 @@ def bench_size(args: argparse.Namespace) -> None:
     from brts.shared.engines.hf import HFEngine
     from brts.server.fingerprint import teacher_fingerprint
     from brts.server.pipeline import CandidatePipeline, PromptJob
-    from brts.server.toy import make_problems, toy_prompt_spec
+    from brts.toy import make_problems, toy_prompt_spec
     from brts.shared.tokenizer import load_tokenizer
 
     k = 16

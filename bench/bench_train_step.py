@@ -74,7 +74,7 @@ def main() -> int:
 
     from train_env import ServerProcess, make_student, write_config, write_problems
 
-    from brts.server.toy import fit_toy_model
+    from brts.toy import fit_toy_model
     from brts.shared.data import load_dataset
     from brts.trainer.fsdp import init_distributed
     from brts.trainer.preflight import load_train_config

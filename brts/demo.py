@@ -1,7 +1,7 @@
 """`brts demo`: the whole system on a CPU in minutes: toy teacher server + cache, prewarm, BRTS vs OPD, eval, report.
 
 Why it is shaped this way (issue #10): a new user's second command must run the real job, not a mock of it. So the
-demo uses the real pieces end to end: a fitted toy teacher (``brts.server.toy``: good at small sums, yet all four
+demo uses the real pieces end to end: a fitted toy teacher (``brts.toy``: good at small sums, yet all four
 of its samples sometimes fail, so Tier 2 fires) behind a real ``brts serve`` on loopback with an LMDB cache, a real
 prewarm, real ``brts train`` runs (one gloo rank each, the hf rollout engine) of BRTS and of the student-only OPD
 baseline with the same budget, over several seeds, the same evaluation code as ``brts eval``, and ``brts report``.
@@ -94,7 +94,7 @@ def _fit(folder: str, quality: str) -> str:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from brts.server.toy import fit_toy_model
+    from brts.toy import fit_toy_model
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars from two processes would garble the output
@@ -102,14 +102,14 @@ def _fit(folder: str, quality: str) -> str:
 
 
 def _prompt_config() -> dict[str, Any]:
-    from brts.server.toy import TOY_CHAT_TEMPLATE
+    from brts.toy import TOY_CHAT_TEMPLATE
 
     return {"tokenizer": "qwen2.5-instruct", "chat_template": TOY_CHAT_TEMPLATE, "instruction_suffix": "",
             "max_prompt_len": 256}
 
 
 def _write_problems(paths: DemoPaths, s: DemoSettings) -> None:
-    from brts.server.toy import make_problems
+    from brts.toy import make_problems
 
     paths.problems.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.problems.with_suffix(".tmp")

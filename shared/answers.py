@@ -4,18 +4,13 @@ The reference code (and the paper's grading) takes the content of the LAST ``\\b
 (brts-reference §3.2, §13): a model that writes several boxes during its reasoning is judged on the last one.
 Braces are matched, so ``\\boxed{\\frac{1}{2}}`` yields ``\\frac{1}{2}``.
 
-``is_correct`` (extraction plus bounded math-verify equivalence) lives in ``brts.shared.verify`` because it
-runs in a worker process; it is re-exported here lazily so that importing this module stays free of I/O.
+``is_correct`` (extraction plus bounded math-verify equivalence) lives in ``brts.shared.verify``, not here: it runs
+in a worker process, and this module imports nothing with I/O (verify imports it, never the reverse).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 BOXED = "\\boxed"
-
-if TYPE_CHECKING:  # pragma: no cover
-    from brts.shared.verify import is_correct as is_correct  # noqa: F401
 
 
 def extract_boxed(text: str) -> str | None:
@@ -76,10 +71,3 @@ def normalize_integer(answer: str) -> int | None:
         return None
     return sign * int(s)
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("is_correct", "is_correct_batch"):
-        from brts.shared import verify
-
-        return getattr(verify, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,7 +44,7 @@ def toy_teacher_dir(request, tmp_path_factory) -> Path:
     """The fitted toy teacher's folder (model, tokenizer, toy_fit.json), fitted once and kept in pytest's cache
     folder (``.pytest_cache/d/toy-teacher``) across sessions; ``fit_toy_model`` checks a hash of its settings, so a
     changed recipe refits instead of reusing a stale model. Without the cache plugin it fits into a temp folder."""
-    from brts.server.toy import fit_toy_model
+    from brts.toy import fit_toy_model
 
     cache = getattr(request.config, "cache", None)
     folder = Path(cache.mkdir("toy-teacher")) if cache is not None else tmp_path_factory.mktemp("toy-teacher")

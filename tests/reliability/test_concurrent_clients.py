@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from forkserver import ForkServer, Teacher  # noqa: E402
 
-from brts.server.toy import make_problems, toy_prompt_spec  # noqa: E402
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
 from brts.shared.client import Prompt, TeacherClient  # noqa: E402
 
 SEED = 7

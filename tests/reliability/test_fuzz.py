@@ -196,7 +196,7 @@ def served(forks: ForkServer, toy_teacher_dir: Path, tmp_path_factory: pytest.Te
 
 
 def test_240_hostile_requests_each_get_a_proper_status_and_the_server_keeps_serving(served: Teacher) -> None:
-    from brts.server.toy import make_problems, toy_prompt_spec
+    from brts.toy import make_problems, toy_prompt_spec
     from brts.shared.tokenizer import load_tokenizer
 
     channel = grpc.insecure_channel(served.address, options=[("grpc.max_receive_message_length", 64 << 20)])

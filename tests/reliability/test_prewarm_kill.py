@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from forkserver import Child, ForkServer, Teacher  # noqa: E402
 from server_proc import free_port  # noqa: E402
 
-from brts.server.toy import TOY_CHAT_TEMPLATE, make_problems  # noqa: E402
+from brts.toy import TOY_CHAT_TEMPLATE, make_problems  # noqa: E402
 from brts.shared.client import TeacherClient  # noqa: E402
 
 SEED = 20240610  # the kill moments and which kills also take the prewarm down

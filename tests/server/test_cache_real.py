@@ -23,7 +23,7 @@ from brts.server.cache.codec import decode_entry
 from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.server.fingerprint import teacher_fingerprint
 from brts.server.pipeline import TIER2, CandidatePipeline, PromptJob
-from brts.server.toy import make_problems, toy_prompt_spec
+from brts.toy import make_problems, toy_prompt_spec
 
 K = 16
 N_PROBLEMS, N_TIER1, N_TIER2 = 24, 4, 2

@@ -16,7 +16,7 @@ import torch
 
 from brts.shared.engines.base import SamplingParams
 from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, PromptJob
-from brts.server.toy import make_problems, toy_prompt_spec
+from brts.toy import make_problems, toy_prompt_spec
 from brts.shared.answers import extract_boxed, normalize_integer
 from brts.shared.hints import hinted_prompt_ids
 

@@ -21,7 +21,7 @@ from server_proc import ServerProcess  # noqa: E402
 
 from brts.proto import teacher_pb2, teacher_pb2_grpc
 from brts.shared.topk import from_proto  # noqa: E402
-from brts.server.toy import make_problems, toy_prompt_spec  # noqa: E402
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
 from brts.shared.client import Prompt, TeacherClient, TeacherMismatchError, TeacherUnavailableError  # noqa: E402
 from brts.shared.topk import to_proto  # noqa: E402
 

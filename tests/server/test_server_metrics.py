@@ -20,7 +20,7 @@ from server_proc import BRTS, ServerProcess, free_port  # noqa: E402
 
 from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402
 from brts.server.cache import admin  # noqa: E402
-from brts.server.toy import make_problems, toy_prompt_spec  # noqa: E402
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
 from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402
 
 

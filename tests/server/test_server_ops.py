@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_proc import BRTS, ServerProcess  # noqa: E402
 
-from brts.server.toy import make_problems, toy_prompt_spec  # noqa: E402
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
 from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402
 
 

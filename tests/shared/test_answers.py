@@ -52,9 +52,3 @@ def test_normalize_integer(text, value):
 @pytest.mark.parametrize("text", ["2.5", "1,00", "x", "", "\\frac{1}{2}", "1e3", "١٢"])
 def test_normalize_integer_rejects_non_integers(text):
     assert normalize_integer(text) is None
-
-
-def test_is_correct_is_importable_from_answers():
-    from brts.shared import answers, verify
-
-    assert answers.is_correct is verify.is_correct

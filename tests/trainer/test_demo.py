@@ -19,7 +19,7 @@ TINY = DemoSettings(problems=8, steps=2, prompts_per_step=4, eval_n=2)
 
 @pytest.fixture(scope="module")
 def toy_student_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from brts.server.toy import fit_toy_model
+    from brts.toy import fit_toy_model
 
     cache = getattr(request.config, "cache", None)
     folder = Path(cache.mkdir("toy-student")) if cache is not None else tmp_path_factory.mktemp("toy-student")

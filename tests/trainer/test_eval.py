@@ -88,7 +88,7 @@ def test_bootstrap_equals_the_reference_code_and_the_exact_expectation(preds, va
 
 def test_brts_eval_end_to_end_on_the_toy_teacher(toy_teacher_dir, tmp_path):
     from brts.cli import main
-    from brts.server.toy import TOY_CHAT_TEMPLATE
+    from brts.toy import TOY_CHAT_TEMPLATE
 
     toy = write_problems(tmp_path / "toy.jsonl", 3, seed=11)
     out = tmp_path / "eval"

@@ -49,7 +49,7 @@ def make_student(out: Path, seed: int = 0, tokenizer: Any | None = None) -> Path
 
 
 def write_problems(path: Path, n: int, seed: int = 0) -> Path:
-    from brts.server.toy import make_problems
+    from brts.toy import make_problems
 
     with open(path, "w", encoding="utf-8") as f:
         for p in make_problems(n, seed=seed):
@@ -59,7 +59,7 @@ def write_problems(path: Path, n: int, seed: int = 0) -> Path:
 
 def write_config(path: Path, **values: Any) -> Path:
     """tiny_cpu.yaml with the toy teacher's prompt format and ``values`` on top."""
-    from brts.server.toy import TOY_CHAT_TEMPLATE
+    from brts.toy import TOY_CHAT_TEMPLATE
 
     data = yaml.safe_load((REPO / "trainer" / "configs" / "tiny_cpu.yaml").read_text())
     data["prompt"] = {"tokenizer": "qwen2.5-instruct", "chat_template": TOY_CHAT_TEMPLATE, "instruction_suffix": "",

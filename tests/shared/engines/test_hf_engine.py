@@ -109,7 +109,7 @@ def test_length_finish_reason(tiny_qwen2: Any) -> None:
 
 
 def test_toy_teacher_stops_with_one_eos(hf_engine: HFEngine, toy_tokenizer: Any) -> None:
-    from brts.server.toy import make_problems, toy_prompt_spec
+    from brts.toy import make_problems, toy_prompt_spec
 
     spec = toy_prompt_spec(toy_tokenizer)
     prompts = spec.encode_batch([p.problem for p in make_problems(8, seed=3)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brts.shared.engines.base import SamplingParams
-from brts.server.toy import (
+from brts.toy import (
     QUALITIES,
     TOY_SOURCE,
     TOY_VOCAB_SIZE,
