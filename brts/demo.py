@@ -197,7 +197,8 @@ def _prewarm(address: str, paths: DemoPaths, s: DemoSettings) -> dict[str, Any]:
 def _eval_before(paths: DemoPaths, s: DemoSettings, seeds: list[int]) -> list[float]:
     """The untrained student on the same problems, with the same per-sample seeds as each run's final evaluation."""
     from brts.shared.config import EvalConfig, from_dict
-    from brts.trainer.evaluate import evaluate, make_engine
+    from brts.shared.engines import make_engine
+    from brts.trainer.evaluate import evaluate
 
     def config(seed: int) -> Any:
         return from_dict(EvalConfig, {
@@ -215,7 +216,7 @@ def _eval_before(paths: DemoPaths, s: DemoSettings, seeds: list[int]) -> list[fl
         else:
             todo.append(seed)
     if todo:
-        engine = make_engine(config(todo[0]), device="cpu", dtype="float32")
+        engine = make_engine("hf", paths.student, device="cpu", dtype="float32")
         try:
             for seed in todo:
                 values[seed] = float(evaluate(config(seed), engine=engine, progress=False)[0].scores[key])
