@@ -114,8 +114,7 @@ class SyntheticPipeline:
                 tokens = tuple(int(t) for t in ids[np.arange(self.tokens), pick])
                 answer = d.job.ground_truth if rng.random() < 0.5 else "0"
                 self._topk[tokens] = TopK(ids, lps.astype(np.float32))
-                right = answer == d.job.ground_truth
-                records.append(CandidateRecord(d.tier, index, tokens, "length", "", answer, right))
+                records.append(CandidateRecord(d.tier, index, tokens, "length", "", answer))
             out.append(records)
         return out
 
@@ -268,7 +267,7 @@ def bench_size(args: argparse.Namespace) -> None:
     unique = {p.problem: p for p in reversed(make_problems(4 * args.problems, seed=3))}  # first of each text
     problems = sorted(unique.values(), key=lambda p: int(p.id.rsplit("-", 1)[1]))[: args.problems]
     jobs = [PromptJob(p.id, tuple(spec.encode(p.problem)), p.answer, n_tier1=args.samples) for p in problems]
-    pipe: Any = ReplayDraws(CandidatePipeline(engine, engine.scorer(), tokenizer, sampling, logprob_k=k, seed=0))
+    pipe: Any = ReplayDraws(CandidatePipeline(engine, engine.scorer(), tokenizer, sampling, logprob_k=k))
     teacher = teacher_fingerprint(folder, tokenizer)
     rows, token_ids = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-cache-size-") as tmp:

@@ -253,7 +253,7 @@ def hit_runtime(folder: Path, args: argparse.Namespace) -> Any:
     engine, scorer = FixedLengthEngine(args.hit_tokens, eos, max_context), TeacherLikeScorer(max_context)
     s = config.sampling
     sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens)
-    pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k, seed=s.seed,
+    pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k,
                                  verifier=BoundedVerifier())
     cache = CandidateCache(config.cache_dir, teacher, pipeline, store_k=config.max_logprob_k)
     return TeacherRuntime(config, engine, scorer, tokenizer, teacher, tokenizer_fingerprint(tokenizer), cache, pipeline)

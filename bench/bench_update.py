@@ -34,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from brts.trainer.fsdp import init_distributed, shard_student
-    from brts.trainer.update import Sequence_, UpdateConfig, Updater, make_optimizer
+    from brts.trainer.update import TrainSequence, UpdateConfig, Updater, make_optimizer
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
             rows = length - start
             ids = torch.randint(0, args.vocab, (rows, args.k), generator=g)
             lp = torch.log_softmax(torch.randn(rows, args.k, generator=g), -1).sort(-1, descending=True).values
-            out.append(Sequence_(torch.randint(0, args.vocab, (length,), generator=g), start, ids, lp))
+            out.append(TrainSequence(torch.randint(0, args.vocab, (length,), generator=g), start, ids, lp))
         return out
 
     batches = [(seqs(args.sequences), seqs(args.sequences)) for _ in range(args.steps + 1)]

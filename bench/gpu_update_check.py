@@ -27,7 +27,7 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from brts.trainer.fsdp import init_distributed, shard_student
-    from brts.trainer.update import Sequence_, UpdateConfig, Updater, make_optimizer
+    from brts.trainer.update import TrainSequence, UpdateConfig, Updater, make_optimizer
 
     info = init_distributed("cuda")
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def main() -> None:
             rows = args.length - 64
             ids = torch.randint(0, args.vocab, (rows, 16), generator=g)
             lp = torch.log_softmax(torch.randn(rows, 16, generator=g) * 3, -1).sort(-1, descending=True).values
-            out.append(Sequence_(torch.randint(0, args.vocab, (args.length,), generator=g), 64, ids, lp))
+            out.append(TrainSequence(torch.randint(0, args.vocab, (args.length,), generator=g), 64, ids, lp))
         return out
 
     sc, tc = seqs(), seqs()

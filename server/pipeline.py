@@ -1,9 +1,15 @@
-"""The candidate pipeline: Tier-1 samples, Tier-2 hinted rescue, and the teacher's top-K along every kept candidate.
+"""The candidate pipeline: the tier rules, and the engine, verifier and scorer calls the cache makes with them.
 
-Orchestration only (brts-reference §3-§5, §11, §14): the engine samples, ``brts.shared`` judges and hints,
-the scorer scores. Per batch of prompts there is one generation call for every Tier-1 sample, one for every
-Tier-2 attempt, and one scoring call for every kept candidate, so a serving engine sees the whole batch at once
-(the reference generates per student row, with HF ``generate``, every step: §10).
+The rules of which candidates a prompt gets live here once, as pure functions (brts-reference §3-§5, §11, §14):
+which pool entries a Tier-1 window wants and which slot is perturbed (``tier1_slots``), when Tier 2 fires
+(``tier2_fires``) and which entries it wants (``tier2_indices``), which fresh samples are judged and scored when
+drawn (``judged_when_drawn``, ``scored_when_drawn``), which Tier-2 attempts are kept (``tier2_kept``), which
+stored entries must be drawn or scored again wider (``entry_work``), and each entry's seed (``pool_sample_seed``).
+The LMDB cache (``brts.server.cache``) only reads, claims and commits, and asks these functions what to do.
+
+``CandidatePipeline`` samples and scores in batches: one engine call for every draw of a batch, one scorer call
+for every kept candidate, so a serving engine sees the whole batch at once (the reference generates per student
+row, with HF ``generate``, every step: §10).
 
 What the reference gets wrong and we do not:
 - Tier 2 runs only for prompts whose Tier-1 window is all wrong (the reference hints the whole batch).
@@ -16,9 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
 
 from brts.shared.engines.base import (
     GenerationEngine,
@@ -30,26 +35,20 @@ from brts.shared.engines.base import (
 from brts.shared.answers import extract_boxed
 from brts.shared.hints import hinted_prompt_ids, leaks
 from brts.shared.topk import TopK
-from brts.shared.verify import BoundedVerifier, is_correct_batch
+from brts.shared.verify import BoundedVerifier
 
 TIER1, TIER2 = 1, 2
 DEFAULT_PERTURBATION = "Please reason step by step and rethink in detail before giving the final answer."
+DRAW, RESCORE = "draw", "rescore"
+EntryWork = Literal["draw", "rescore"]
 
 
-def derive_seed(seed: int, pool_key: bytes | str, index: int) -> int:
+def pool_sample_seed(seed: int, pool_key: bytes | str, index: int) -> int:
     """Seed of sample ``index`` of a pool: a hash of (seed, pool key, index), so a pool grows append-only and
     sample i is the same draw whoever asks for it and in whatever batch (design.md §4)."""
     key = pool_key.encode() if isinstance(pool_key, str) else pool_key
     digest = hashlib.blake2b(struct.pack("<qq", seed, index) + key, digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF  # engines take non-negative 31-bit seeds
-
-
-def prompt_key(prompt_ids: Sequence[int], tier: int, extra: str = "") -> bytes:
-    """A default pool key for one prompt and tier; the cache uses its own key (teacher, sampling, ids)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(struct.pack(f"<i{len(prompt_ids)}i", tier, *prompt_ids))
-    h.update(extra.encode())
-    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,66 @@ class PromptJob:
             raise ValueError(f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}")
 
 
+# -- the tier rules (pure) ---------------------------------------------------------------------------------------
+def perturbed_index(job: PromptJob) -> int | None:
+    """The pool index of the window's perturbed slot, or None when the job has no perturbation. It is counted
+    from the window's start, so a window moved along the pool moves its perturbed slot with it (§11)."""
+    return job.pool_offset + job.perturb_slot if job.perturbation is not None else None
+
+
+def tier1_slots(job: PromptJob) -> list[tuple[int, bool]]:
+    """(pool index, perturbed) of every Tier-1 slot, in window order: the order replies list them in."""
+    perturbed = perturbed_index(job)
+    return [(i, i == perturbed) for i in range(job.pool_offset, job.pool_offset + job.n_tier1)]
+
+
+def tier2_indices(job: PromptJob) -> range:
+    """The Tier-2 attempts a job wants: entries 0..n_tier2-1 of its hinted pool. Not offset by the window: the
+    hinted pool is keyed by the ground truth, and every window of the prompt retries with the same attempts."""
+    return range(job.n_tier2)
+
+
+def tier2_fires(job: PromptJob, tier1_correct: Iterable[bool]) -> bool:
+    """Tier 2 runs for a prompt iff it asks for attempts and none of its served Tier-1 candidates is correct
+    (judged against this request's ground truth); a prompt with a correct sample needs no rescue."""
+    return job.n_tier2 > 0 and not any(tier1_correct)
+
+
+def judged_when_drawn(tier: int) -> bool:
+    """Is a fresh sample's verdict needed before it is stored? Only a Tier-2 attempt's, to decide whether it is
+    scored (``scored_when_drawn``). A Tier-1 sample is judged when served, against each request's ground truth:
+    a Tier-1 pool is shared by every ground truth, so a verdict at draw time would be one request's only."""
+    return tier == TIER2
+
+
+def scored_when_drawn(tier: int, correct: bool | None) -> bool:
+    """Is a fresh sample scored (given a top-K) before it is stored? ``correct``: its verdict, None when not
+    judged (``judged_when_drawn``). Every Tier-1 sample is, since any request may keep it. A Tier-2 attempt is
+    scored only when it can be kept: when correct, a verdict that never changes because its pool's ground truth
+    is fixed. A correct attempt that leaked is scored too: ``keep_leaked`` is a server setting, and a server
+    that keeps leaks may serve it from the same cache."""
+    return tier == TIER1 or bool(correct)
+
+
+def tier2_kept(correct: bool, leaked: bool, scored: bool, keep_leaked: bool) -> bool:
+    """Does a Tier-2 attempt join the prompt's candidates? Iff it is correct, has not leaked the key (unless the
+    server keeps leaks), and has a top-K to distil from (an attempt stored unscored never gains one)."""
+    return correct and (keep_leaked or not leaked) and scored
+
+
+def entry_work(stored: bool, stored_k: int | None, k: int) -> EntryWork | None:
+    """What a wanted pool entry needs before it is served with a top-K of width ``k``: ``DRAW`` when it does not
+    exist, ``RESCORE`` when its stored top-K is narrower than asked (scored again wider, never drawn again), else
+    None. ``stored_k`` is None for an entry stored without a top-K (an unkept Tier-2 attempt): it stays so."""
+    if not stored:
+        return DRAW
+    if stored_k is not None and stored_k < k:
+        return RESCORE
+    return None
+
+
 @dataclass(frozen=True)
-class Draw:
+class PoolDraw:
     """Pool entries ``indices`` of one prompt's tier to sample, with their seeds (one engine request)."""
 
     job: PromptJob
@@ -99,7 +156,8 @@ class Draw:
 
 @dataclass
 class CandidateRecord:
-    """One sample with everything the trainer and the cache need; ``topk`` is None for samples not kept."""
+    """One sample as drawn, before it is stored: no verdict (correctness is judged against each request's ground
+    truth, from the stored answer); ``topk`` is None until scored, and stays None for samples never scored."""
 
     tier: int
     index: int
@@ -107,30 +165,17 @@ class CandidateRecord:
     finish_reason: str
     text: str
     answer: str | None
-    correct: bool
     leaked: bool = False
     perturbed: bool = False
     topk: TopK | None = None
 
 
-@dataclass
-class PromptResult:
-    prompt_id: str
-    candidates: list[CandidateRecord]  # the Tier-1 window, then the kept Tier-2 samples
-    tier2_attempts: list[CandidateRecord] = field(default_factory=list)  # every hinted sample, kept or not
-    seconds: float = 0.0
-
-    @property
-    def tier2_drawn(self) -> int:
-        return len(self.tier2_attempts)
-
-    @property
-    def tier2_leaked(self) -> int:
-        return sum(c.leaked for c in self.tier2_attempts)
-
-
 class CandidatePipeline:
-    """Runs batches of ``PromptJob`` through an engine, the verifier and a scorer."""
+    """The teacher's engine, scorer, tokenizer and verifier, with the batch calls the cache makes on them.
+
+    No seed here: every request brings its own to ``CandidateCache.get``, which derives each entry's
+    (``pool_sample_seed``), so one pipeline serves requests with different seeds.
+    """
 
     def __init__(
         self,
@@ -139,23 +184,16 @@ class CandidatePipeline:
         tokenizer,
         sampling: SamplingParams,
         logprob_k: int = 16,
-        seed: int = 0,
         verifier: BoundedVerifier | None = None,
         keep_leaked: bool = False,
-        seed_fn: Callable[[PromptJob, int, int], int] | None = None,
     ) -> None:
         if logprob_k < 1:
             raise ValueError(f"logprob_k: must be >= 1, got {logprob_k}")
         self.engine, self.scorer, self.tokenizer = engine, scorer, tokenizer
-        self.sampling, self.logprob_k, self.seed = sampling, logprob_k, seed
+        self.sampling, self.logprob_k = sampling, logprob_k
         self.verifier, self.keep_leaked = verifier, keep_leaked
-        self.seed_fn = seed_fn or self._default_seed
         self.engine_calls = 0  # generation calls made (the server reports it; tests check batching with it)
         self.score_calls = 0
-
-    def _default_seed(self, job: PromptJob, tier: int, index: int) -> int:
-        extra = job.ground_truth if tier == TIER2 else ""  # Tier-2 pools depend on the answer in the hint
-        return derive_seed(self.seed, prompt_key(job.prompt_ids, tier, extra), index)
 
     def _perturbed_ids(self, job: PromptJob) -> tuple[int, ...]:
         """The reference appends the perturbation's ids right after the templated prompt (§11)."""
@@ -171,46 +209,33 @@ class CandidatePipeline:
             return self._perturbed_ids(job)
         return tuple(job.prompt_ids)
 
-    def _records(self, tier: int, indices: Sequence[int], gens, ground_truths: list[str]) -> list[CandidateRecord]:
+    def _records(self, draw: PoolDraw, gens) -> list[CandidateRecord]:  # noqa: ANN001 - engine Generations
         texts = [self.tokenizer.decode(list(g.token_ids), skip_special_tokens=True) for g in gens]
-        correct = is_correct_batch(texts, ground_truths, self.verifier) if texts else []
         return [
             CandidateRecord(
-                tier=tier,
+                tier=draw.tier,
                 index=i,
                 token_ids=tuple(g.token_ids),
                 finish_reason=g.finish_reason,
                 text=text,
                 answer=extract_boxed(text),
-                correct=ok,
-                leaked=leaks(text) if tier == TIER2 else False,
+                leaked=leaks(text) if draw.tier == TIER2 else False,
+                perturbed=draw.perturbed,
             )
-            for i, g, text, ok in zip(indices, gens, texts, correct)
+            for i, g, text in zip(draw.indices, gens, texts)
         ]
 
-    def seeds(self, job: PromptJob, tier: int, indices: Sequence[int]) -> tuple[int, ...]:
-        return tuple(self.seed_fn(job, tier, i) for i in indices)
+    def draw(self, draws: Sequence[PoolDraw], sampling: SamplingParams | None = None) -> list[list[CandidateRecord]]:
+        """Sample every draw in ONE engine call; records carry their answer and leak flag, not a verdict.
 
-    def draw(self, draws: Sequence[Draw], sampling: SamplingParams | None = None) -> list[list[CandidateRecord]]:
-        """Sample every draw in ONE engine call; records judged against each job's ground truth.
-
-        A building block for ``run`` and for the cache, which decides itself which pool entries are missing and
-        which seeds they take. A Tier-2 draw samples after the hinted prompt, a perturbed one after the
-        perturbed prompt; neither is ever a scoring context (see ``score``).
+        The cache decides which pool entries are missing, which seeds they take and which are judged. A Tier-2
+        draw samples after the hinted prompt, a perturbed one after the perturbed prompt; neither is ever a
+        scoring context (see ``score``).
         """
-        requests = []
-        for d in draws:
-            prompt = self.sampling_prompt(d.job, d.tier, d.perturbed)
-            requests.append(GenerationRequest(prompt, tuple(d.seeds)))
+        requests = [GenerationRequest(self.sampling_prompt(d.job, d.tier, d.perturbed), tuple(d.seeds)) for d in draws]
         outputs = self.engine.generate(requests, sampling or self.sampling) if requests else []
         self.engine_calls += bool(requests)
-        by_draw = []
-        for d, gens in zip(draws, outputs):
-            records = self._records(d.tier, list(d.indices), gens, [d.job.ground_truth] * len(gens))
-            for record in records:
-                record.perturbed = d.perturbed
-            by_draw.append(records)
-        return by_draw
+        return [self._records(d, gens) for d, gens in zip(draws, outputs)]
 
     def score(self, pairs: Sequence[tuple[Sequence[int], CandidateRecord]], k: int | None = None) -> None:
         """Attach the teacher's top-K to each (ORIGINAL prompt ids, record) pair, in one scorer call."""
@@ -220,50 +245,3 @@ class CandidatePipeline:
         self.score_calls += 1
         for (_, record), output in zip(pairs, self.scorer.score(items, k or self.logprob_k)):
             record.topk = output.topk
-
-    def run(self, jobs: Sequence[PromptJob]) -> list[PromptResult]:
-        """All of Tier 1, then Tier 2 for the all-wrong prompts, then scoring; results in job order."""
-        start = time.monotonic()
-        results = [PromptResult(prompt_id=j.prompt_id, candidates=[]) for j in jobs]
-        tier1 = self._tier1(jobs)
-        retry = [
-            n for n, job in enumerate(jobs) if job.n_tier2 > 0 and not any(c.correct for c in tier1[n])
-        ]
-        tier2 = self._tier2([jobs[n] for n in retry])
-        for n, records in enumerate(tier1):
-            results[n].candidates.extend(records)
-        for n, attempts in zip(retry, tier2):
-            results[n].tier2_attempts = attempts
-            results[n].candidates.extend(c for c in attempts if c.correct and (self.keep_leaked or not c.leaked))
-        self._score(jobs, results)
-        elapsed = time.monotonic() - start
-        for result in results:
-            result.seconds = elapsed
-        return results
-
-    def _tier1(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
-        draws, owners = [], []
-        for n, job in enumerate(jobs):
-            window = list(range(job.pool_offset, job.pool_offset + job.n_tier1))
-            perturbed = job.pool_offset + job.perturb_slot if job.perturbation is not None else None
-            plain = [i for i in window if i != perturbed]
-            if plain:
-                draws.append(Draw(job, TIER1, tuple(plain), self.seeds(job, TIER1, plain)))
-                owners.append(n)
-            if perturbed is not None:
-                draws.append(Draw(job, TIER1, (perturbed,), self.seeds(job, TIER1, [perturbed]), perturbed=True))
-                owners.append(n)
-        by_job: list[list[CandidateRecord]] = [[] for _ in jobs]
-        for n, records in zip(owners, self.draw(draws)):
-            by_job[n].extend(records)
-        for records in by_job:
-            records.sort(key=lambda r: r.index)
-        return by_job
-
-    def _tier2(self, jobs: Sequence[PromptJob]) -> list[list[CandidateRecord]]:
-        indices = [tuple(range(job.n_tier2)) for job in jobs]
-        return self.draw([Draw(job, TIER2, idx, self.seeds(job, TIER2, idx)) for job, idx in zip(jobs, indices)])
-
-    def _score(self, jobs: Sequence[PromptJob], results: list[PromptResult]) -> None:
-        # the ORIGINAL prompt: never the hinted or perturbed one the sample was drawn from
-        self.score([(job.prompt_ids, record) for job, result in zip(jobs, results) for record in result.candidates])

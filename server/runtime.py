@@ -78,7 +78,7 @@ def build_runtime(config: ServerConfig, teacher_override: str | None = None) -> 
     sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
                               top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens)
     pipeline = CandidatePipeline(engine, scorer, tokenizer, sampling, logprob_k=config.max_logprob_k,
-                                 seed=config.sampling.seed, verifier=verifier)
+                                 verifier=verifier)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     cache = CandidateCache(config.cache_dir, fingerprint, pipeline, store_k=config.max_logprob_k,
                            tokenizer_fingerprint=tokenizer_hash)

@@ -22,6 +22,11 @@ from brts.shared.prompts import DEFAULT_INSTRUCTION_SUFFIX
 MAX_LOGPROB_K = 64
 BENCHMARKS = ("aime24", "aime25", "amc23")
 
+#: Where the student's top-K of the overlap score comes from (trainer/selection.py explains both modes).
+OverlapMode = Literal["prefix", "position"]
+#: What the selection's priority rule does when no candidate is correct (trainer/selection.py, Tier 3).
+Tier3Policy = Literal["most_similar", "skip"]
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message names the field."""
@@ -287,8 +292,8 @@ class TrainConfig(_Validated):
     teacher_branch: bool = True
     n_candidates: int = 4
     n_tier2: int = 1
-    tier3: Literal["most_similar", "skip"] = "most_similar"
-    overlap_mode: Literal["prefix", "position"] = "prefix"
+    tier3: Tier3Policy = "most_similar"
+    overlap_mode: OverlapMode = "prefix"
     freshness: Literal["cached", "per_epoch", "per_step"] = "cached"
     perturbation: str | None = None
     perturb_slot: int = 1

@@ -20,7 +20,7 @@ from brts.shared.config import EvalConfig
 from brts.shared.data import EVAL_SETS, Problem, load_eval, load_problems
 from brts.shared.engines.registry import make_engine
 from brts.trainer.eval_metrics import score_benchmark
-from brts.trainer.sampler import derive_seed
+from brts.trainer.sampler import keyed_seed
 
 __all__ = ["BenchmarkResult", "evaluate", "format_table", "load_benchmarks", "run_benchmark"]
 
@@ -57,7 +57,7 @@ def run_benchmark(name: str, problems: Sequence[Problem], engine: Any, spec: Any
     bar = tqdm(total=len(problems) * config.n, unit="sample", desc=name, disable=not progress)
     for start in range(0, len(problems), batch):
         chunk = list(range(start, min(start + batch, len(problems))))
-        requests = [GenerationRequest(tuple(ids[i]), tuple(derive_seed(config.seed, name, problems[i].id, j)
+        requests = [GenerationRequest(tuple(ids[i]), tuple(keyed_seed(config.seed, name, problems[i].id, j)
                                                             for j in range(config.n))) for i in chunk]
         outputs = engine.generate(requests, sampling)
         texts = [[spec.tokenizer.decode(list(g.token_ids), skip_special_tokens=True) for g in gens] for gens in outputs]

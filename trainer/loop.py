@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 
 from brts.shared.config import TrainConfig
-from brts.trainer.choose import Choice, Pool, choose_position, choose_prefix, deciding_group, topk_overlap, valid_rows
-from brts.trainer.metrics import StepCounters, console_line, reduce_counters, step_metrics
-from brts.trainer.sampler import PromptSampler, derive_seed
+from brts.trainer.metrics import StepCounters, reduce_counters, step_metrics
+from brts.trainer.rollout import RolloutEngine
+from brts.trainer.sampler import PromptSampler, keyed_seed
+from brts.trainer.selection import Choice, Key, Pool, choose_position, choose_prefix, topk_overlap, valid_rows
 from brts.trainer.step_prompts import StepPrompt, build_step_prompts, teacher_requests
 from brts.trainer.student_forward import iter_student_topk, student_topk
 from brts.trainer.teacher_link import TeacherDown, TeacherLink
-from brts.trainer.update import Sequence_, Updater
+from brts.trainer.update import TrainSequence, Updater
 
 __all__ = ["StepRunner", "TrainError", "full_state_for_rollouts"]
 
@@ -67,6 +68,14 @@ class _Row:
     stopped: bool
 
 
+def _rows_by_prompt(rows: list[_Row]) -> dict[int, list[int]]:
+    """Per prompt index, the indices of its rollout rows (in row order)."""
+    rows_of: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        rows_of.setdefault(r.prompt, []).append(i)
+    return rows_of
+
+
 @dataclass
 class StepRunner:
     """Everything one rank needs to run steps; ``run_step(s)`` → the logged record (rank 0) or None."""
@@ -75,7 +84,7 @@ class StepRunner:
     device: torch.device
     wrapper: torch.nn.Module
     updater: Updater
-    rollouts: Any
+    rollouts: RolloutEngine
     link: TeacherLink
     sampler: PromptSampler
     problems: list[Any]
@@ -109,17 +118,16 @@ class StepRunner:
         self.request_candidates(step + 1)
 
         t = time.perf_counter()
-        seeds = [[derive_seed(cfg.seed, "rollout", step, sp.draw.position, j) for j in range(cfg.n_rollouts)]
+        seeds = [[keyed_seed(cfg.seed, "rollout", step, sp.draw.position, j) for j in range(cfg.n_rollouts)]
                  for sp in prompts]
         gens = self.rollouts.generate([sp.ids for sp in prompts], seeds, cfg.max_response_len, cfg.rollout_temperature)
         rows = [_Row(p, tuple(g.token_ids), g.finish_reason == "stop") for p, per in enumerate(gens) for g in per]
-        sleep = getattr(self.rollouts, "sleep", None)
-        if sleep is not None:
-            sleep(1)  # vLLM on GPU: weights to host, KV cache freed for the forwards and the update (docs/rollouts.md)
+        self.rollouts.sleep(1)  # vLLM on GPU: weights to host, KV cache freed for the forwards and the update
         c.time("rollout", time.perf_counter() - t)
         c.add("rows", len(rows))
         c.add("response_tokens", sum(len(r.token_ids) for r in rows))
         c.add("rows_stopped", sum(r.stopped for r in rows))
+        rows_of = _rows_by_prompt(rows)
 
         # the student's top-K along its rollouts; each micro-batch's Score goes out as soon as it exists
         t = time.perf_counter()
@@ -135,16 +143,16 @@ class StepRunner:
                                                   cfg.logprob_k)))
         c.time("student_topk", time.perf_counter() - t)
 
-        choices, ok, why = self._select(step, prompts, rows, rollout_topk, c)
-        sc: list[Sequence_] = []
+        choices, ok, why = self._select(step, prompts, rows_of, rollout_topk, c)
+        sc: list[TrainSequence] = []
         if ok:
             t = time.perf_counter()
             try:
                 for batch, fut in scores:
                     for i, res in zip(batch, TeacherLink.result(fut, "Score")):
                         ids = rollout_topk[i][0]
-                        sc.append(Sequence_(torch.tensor(seqs[i], dtype=torch.long), starts[i], ids,
-                                            torch.from_numpy(res.candidate_logprobs.astype("float32"))))
+                        sc.append(TrainSequence(torch.tensor(seqs[i], dtype=torch.long), starts[i], ids,
+                                                torch.from_numpy(res.candidate_logprobs.astype("float32"))))
                         c.add("ts_overlap_sum", topk_overlap(ids, res.topk_ids))
                         c.add("ts_overlap_n")
             except TeacherDown as exc:
@@ -153,7 +161,7 @@ class StepRunner:
         if not _agree_ok(ok, self.device):
             raise TrainError(f"teacher server {cfg.server} stopped answering ({why or 'on another rank'}); "
                              f"restart `brts serve` and resume with `brts train --resume {cfg.run_dir}`", exit_code=3)
-        tc = self._teacher_sequences(prompts, rows, choices, c)
+        tc = self._teacher_sequences(prompts, rows, rows_of, choices, c)
 
         t = time.perf_counter()
         stats = self.updater.step(sc, tc)
@@ -170,7 +178,7 @@ class StepRunner:
 
     # ------------------------------------------------------------------ selection
 
-    def _select(self, step: int, prompts: list[StepPrompt], rows: list[_Row], rollout_topk: list[Any],
+    def _select(self, step: int, prompts: list[StepPrompt], rows_of: dict[int, list[int]], rollout_topk: list[Any],
                 c: StepCounters) -> tuple[dict[int, list[Choice]], bool, str]:
         """Per prompt, one Choice per row. Collective in ``prefix`` mode (the student's forward on candidates),
         so every rank calls it; ranks whose candidates failed still take part with nothing to score."""
@@ -197,28 +205,12 @@ class StepRunner:
             c.add("tier2_drawn", res.tier2_drawn > 0)
             c.add("tier2_rescued", any(x.correct for x in pool.tier2))
             c.add("tier2_leaked", res.tier2_leaked)
-        rows_of: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            rows_of.setdefault(r.prompt, []).append(i)
         t = time.perf_counter()
-        choices: dict[int, list[Choice]] = {}
         if cfg.overlap_mode == "position":
-            for p, pool in enumerate(pools):
-                choices[p] = choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3)
+            choices = {p: choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3)
+                       for p, pool in enumerate(pools)}
         else:
-            wanted = [(p, key) for p, pool in enumerate(pools) for key in deciding_group(pool, cfg.tier3)
-                      if len(deciding_group(pool, cfg.tier3)) > 1]
-            cands = [(pools[p].tier1 if key[0] == 1 else pools[p].tier2)[key[1]] for p, key in wanted]
-            topk = student_topk(self.wrapper, [prompts[p].ids + tuple(int(x) for x in cand.token_ids)
-                                               for (p, _), cand in zip(wanted, cands)],
-                                [len(prompts[p].ids) for p, _ in wanted], cfg.logprob_k, cfg.token_budget, self.device)
-            c.add("selection_sequences", len(wanted))
-            by_prompt: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
-            for (p, key), (ids, _) in zip(wanted, topk):
-                by_prompt.setdefault(p, {})[key] = ids
-            for p, pool in enumerate(pools):
-                choice = choose_prefix(pool, by_prompt.get(p, {}), cfg.tier3)
-                choices[p] = [choice] * len(rows_of.get(p, []))
+            choices = self._choose_prefix(prompts, pools, rows_of, c)
         c.time("selection_forward", time.perf_counter() - t)
         for per in choices.values():
             for ch in per:
@@ -230,17 +222,31 @@ class StepRunner:
                 c.add("other_overlap_n", len(ch.others))
         return choices, True, ""
 
-    def _teacher_sequences(self, prompts: list[StepPrompt], rows: list[_Row], choices: dict[int, list[Choice]],
-                           c: StepCounters) -> list[Sequence_]:
+    def _choose_prefix(self, prompts: list[StepPrompt], pools: list[Pool], rows_of: dict[int, list[int]],
+                       c: StepCounters) -> dict[int, list[Choice]]:
+        """``prefix`` mode: the student's top-K along each contested candidate after the ORIGINAL prompt (one
+        collective forward for all of them), then one choice per prompt, shared by its rows."""
+        cfg = self.config
+        wanted = [(p, key) for p, pool in enumerate(pools) for key in pool.contested(cfg.tier3)]
+        cands = [pools[p].candidate(key) for p, key in wanted]
+        topk = student_topk(self.wrapper, [prompts[p].ids + tuple(int(x) for x in cand.token_ids)
+                                           for (p, _), cand in zip(wanted, cands)],
+                            [len(prompts[p].ids) for p, _ in wanted], cfg.logprob_k, cfg.token_budget, self.device)
+        c.add("selection_sequences", len(wanted))
+        by_prompt: dict[int, dict[Key, torch.Tensor]] = {}
+        for (p, key), (ids, _) in zip(wanted, topk):
+            by_prompt.setdefault(p, {})[key] = ids
+        return {p: [choose_prefix(pool, by_prompt.get(p, {}), cfg.tier3)] * len(rows_of.get(p, []))
+                for p, pool in enumerate(pools)}
+
+    def _teacher_sequences(self, prompts: list[StepPrompt], rows: list[_Row], rows_of: dict[int, list[int]],
+                           choices: dict[int, list[Choice]], c: StepCounters) -> list[TrainSequence]:
         """The teacher-context branch: the chosen trajectory after the ORIGINAL prompt, the teacher's cached top-K.
 
         One sequence per prompt when every row of it shares the choice and nothing is truncated (the same loss as
         repeating it per row: each prompt has n rows, so the token mean is unchanged); else one per row."""
         cfg = self.config
-        out: list[Sequence_] = []
-        rows_of: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            rows_of.setdefault(r.prompt, []).append(i)
+        out: list[TrainSequence] = []
         per_prompt = cfg.overlap_mode == "prefix" and not cfg.truncate_to_student
         for p, per in choices.items():
             targets = list(zip(per[:1], [None])) if per_prompt else \
@@ -252,9 +258,9 @@ class StepRunner:
                 ids = tuple(int(x) for x in cand.token_ids)
                 c.add("chosen_tokens", len(ids))
                 c.add("chosen_n")
-                out.append(Sequence_(torch.tensor(prompts[p].ids + ids, dtype=torch.long), len(prompts[p].ids),
-                                     torch.from_numpy(cand.topk_ids.astype("int64")),
-                                     torch.from_numpy(cand.topk_logprobs.astype("float32")),
-                                     valid_rows(len(ids), keep)))
+                out.append(TrainSequence(torch.tensor(prompts[p].ids + ids, dtype=torch.long), len(prompts[p].ids),
+                                         torch.from_numpy(cand.topk_ids.astype("int64")),
+                                         torch.from_numpy(cand.topk_logprobs.astype("float32")),
+                                         valid_rows(len(ids), keep)))
         return out
 

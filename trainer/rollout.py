@@ -38,6 +38,15 @@ class RolloutEngine(Protocol):
         """Load the trainer's current full (unsharded) weights; names are the HF model's."""
         ...
 
+    def sleep(self, level: int = 1) -> None:
+        """Free what the engine holds on the device between rollouts (the loop calls it after ``generate``, so the
+        student's forwards and the update get the memory); the next ``generate``/``push_weights`` takes it back."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take back everything ``sleep`` freed (``generate`` also does it by itself)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -73,6 +82,13 @@ class HFRollouts:
             if src is None:  # a tied LM head: the embedding's copy already landed
                 continue
             tensor.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
+
+    def sleep(self, level: int = 1) -> None:
+        """No-op: an hf copy holds only its weights between calls (its KV cache lives inside ``generate``), and
+        they must stay where they are for the next ``push_weights``; there is nothing to free."""
+
+    def wake_up(self) -> None:
+        """No-op: ``sleep`` freed nothing."""
 
     @property
     def engine(self) -> Any:

@@ -19,13 +19,13 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Draw", "PromptSampler", "derive_seed", "pool_offset"]
+__all__ = ["PromptDraw", "PromptSampler", "keyed_seed", "pool_offset"]
 
 FRESHNESS = ("cached", "per_epoch", "per_step")
 
 
 @dataclass(frozen=True)
-class Draw:
+class PromptDraw:
     """One prompt of a step: the dataset item, its place in the stream and the epoch it belongs to."""
 
     item: int  # index into the dataset
@@ -33,8 +33,9 @@ class Draw:
     epoch: int
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any parts (blake2b: stable across processes and Python versions, unlike hash())."""
+def keyed_seed(*parts: int | str) -> int:
+    """A 63-bit seed keyed by its parts, e.g. ``(seed, "rollout", step, position, j)``: the same parts give the same
+    seed in any process and Python version (blake2b, unlike hash()), so a resumed run draws what the first drew."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -51,7 +52,7 @@ def pool_offset(freshness: str, n_tier1: int, epoch: int, step: int) -> int:
 
 
 class PromptSampler:
-    """``PromptSampler(len(dataset), prompts_per_step, seed, rank, world).draw(step)`` → this rank's Draws."""
+    """``PromptSampler(len(dataset), prompts_per_step, seed, rank, world).draw(step)`` → this rank's PromptDraws."""
 
     def __init__(self, n_items: int, prompts_per_step: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if n_items < 1:
@@ -67,16 +68,16 @@ class PromptSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.n_items)
 
-    def draw_all(self, step: int) -> list[Draw]:
+    def draw_all(self, step: int) -> list[PromptDraw]:
         """Every rank's prompts of ``step``, in stream order."""
         if step < 0:
             raise ValueError(f"step: must be >= 0, got {step}")
         out = []
         for position in range(step * self.per_step, (step + 1) * self.per_step):
             epoch, offset = divmod(position, self.n_items)
-            out.append(Draw(int(self.permutation(epoch)[offset]), position, epoch))
+            out.append(PromptDraw(int(self.permutation(epoch)[offset]), position, epoch))
         return out
 
-    def draw(self, step: int) -> list[Draw]:
+    def draw(self, step: int) -> list[PromptDraw]:
         """This rank's shard of ``step`` (ranks beyond prompts_per_step get none and still take part)."""
         return self.draw_all(step)[self.rank :: self.world_size]

@@ -1,8 +1,8 @@
-"""BRTS teacher-candidate selection: the overlap score and the three-tier priority rule.
+"""BRTS teacher-candidate selection: the overlap score, the three-tier priority rule, and the choice per prompt/row.
 
-Pure functions, no I/O. The trainer computes the student's top-K ids (see
-`brts.trainer.topk_logprobs`), turns them into an overlap score per candidate here, and picks one
-candidate per prompt (or per rollout row) with `select_candidate`.
+Pure functions over tensors and candidate records, no I/O. The loop computes the student's top-K ids (see
+`brts.trainer.student_forward`), and this module turns them into overlap scores and picks one candidate per prompt
+(``prefix`` mode) or per rollout row (``position`` mode): `choose_prefix`, `choose_position`.
 
 Overlap score (brts-reference §3.3)
 -----------------------------------
@@ -11,12 +11,13 @@ S_t at each position t:
 
     overlap = |{ t in V : z_t in S_t }| / |V|        (0.0 when V is empty)
 
-Padding id -1 in S_t never matches. Two modes decide where S_t comes from (`OverlapMode`):
+Padding id -1 (`brts.shared.topk.PAD_ID`) in S_t never matches. Two modes decide where S_t comes from
+(``train.overlap_mode``, `brts.shared.config.OverlapMode`):
 
 * ``prefix`` (our default, the paper's intent; brts-reference §15 "intended"): S_t is the student's
   top-K predicting z_t given the **candidate's own prefix**, i.e. a no-grad student forward on
-  (original prompt, z). Row t of that forward's response part is what `prefix_mode_topk` slices
-  out. The score is then a likelihood-like "would the live student have proposed this token here".
+  (original prompt, z), row t of its response (`brts.trainer.microbatch` derives which position that is).
+  The score is then a likelihood-like "would the live student have proposed this token here".
   The overlap does not depend on which student rollout of the prompt we look at, so one selection
   per prompt serves all n rollout rows.
 * ``position`` (the reference code's, §3.3): S_t is the student's top-K at response index t of the
@@ -24,7 +25,7 @@ Padding id -1 in S_t never matches. Two modes decide where S_t comes from (`Over
   reference has zero-filled rows (id 0, §3.3); we pad with -1 instead, so such positions are plain
   misses (the reference would count a token 0 there as a hit; a deliberate, harmless deviation).
   Because S_t depends on the rollout, with n > 1 rollouts per prompt the selection is made per
-  rollout row (`position_overlap_matrix` + `select_for_rows`), as the reference does (§2 step 1).
+  rollout row (`position_overlap_matrix`, `choose_position`), as the reference does (§2 step 1).
 
 In both modes V = the candidate's real tokens **including its EOS**. The reference drops the EOS
 because its pad id equals its EOS id and it builds V as ``z != pad`` (§3.3, §6); we always build V
@@ -39,52 +40,37 @@ Priority rule (brts-reference §3.4, §4.3, §5)
    which the reference never implemented, §5).
 
 Ties go to the lowest index (the reference's first-max argmax). Tier-2 candidates are never used in
-Tier 3, as in the reference.
+Tier 3, as in the reference. A prompt without Tier-1 candidates (no teacher pool) gets no teacher branch.
+
+The rule is written once, in two halves: correctness alone names the **deciding group** (`deciding_group`: the
+correct Tier-1 candidates if there is one, else the correct Tier-2 ones, else all Tier-1), and overlap decides
+only inside it (`select_candidate`). So only the group's members need an overlap: in ``prefix`` mode the loop runs
+the student's forward on `Pool.contested` only, and on none when the group has a single member (correctness alone
+decides). The choice is identical to scoring every candidate; what the metrics call the overlap "of the others" is
+then the mean over the scored losers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-OverlapMode = Literal["prefix", "position"]
-Tier3Policy = Literal["most_similar", "skip"]
+from brts.shared.topk import PAD_ID
 
-OVERLAP_MODES: tuple[str, ...] = get_args(OverlapMode)
-TIER3_POLICIES: tuple[str, ...] = get_args(Tier3Policy)
+if TYPE_CHECKING:  # the type only: the config layer reads files, and this module does no I/O
+    from brts.shared.config import Tier3Policy
 
-#: Padding id in top-K id arrays (design.md §3: "a missing entry is id -1"). It never matches.
-PAD_ID: int = -1
+__all__ = ["Choice", "Key", "Pool", "choose_position", "choose_prefix", "deciding_group", "overlap_scores",
+           "position_mode_topk", "position_overlap_matrix", "select_candidate", "topk_overlap",
+           "valid_mask_from_lengths", "valid_rows"]
 
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """The two selection knobs; validates itself so a bad YAML value fails with a clear message."""
-
-    overlap_mode: OverlapMode = "prefix"
-    tier3: Tier3Policy = "most_similar"
-
-    def __post_init__(self) -> None:
-        check_overlap_mode(self.overlap_mode)
-        check_tier3_policy(self.tier3)
-
-
-def check_overlap_mode(mode: str) -> OverlapMode:
-    """Return `mode` if it is a known overlap mode, else raise ValueError naming `overlap_mode`."""
-    if mode not in OVERLAP_MODES:
-        raise ValueError(f"overlap_mode must be one of {OVERLAP_MODES}, got {mode!r}")
-    return mode  # type: ignore[return-value]
-
-
-def check_tier3_policy(policy: str) -> Tier3Policy:
-    """Return `policy` if it is a known Tier-3 policy, else raise ValueError naming `tier3`."""
-    if policy not in TIER3_POLICIES:
-        raise ValueError(f"tier3 must be one of {TIER3_POLICIES}, got {policy!r}")
-    return policy  # type: ignore[return-value]
+#: A candidate's place in its prompt's pool: (its tier, 1 or 2; its index within that tier).
+Key = tuple[int, int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +93,12 @@ def valid_mask_from_lengths(lengths: torch.Tensor | Sequence[int], max_len: int)
         raise ValueError(f"lengths must lie in [0, max_len={max_len}], got {lengths_t.tolist()}")
     positions = torch.arange(max_len, device=lengths_t.device)
     return positions.unsqueeze(0) < lengths_t.unsqueeze(1)
+
+
+def valid_rows(length: int, keep: int | None) -> torch.Tensor:
+    """Mask [length]: True at the first ``keep`` rows (all when None): the reference's truncation of the chosen
+    trajectory to the student's rollout length (§6, ``train.truncate_to_student``)."""
+    return valid_mask_from_lengths([length if keep is None else min(keep, length)], length)[0]
 
 
 def position_mode_topk(
@@ -136,29 +128,6 @@ def position_mode_topk(
     return out
 
 
-def prefix_mode_topk(sequence_topk: torch.Tensor, response_start: int, length: int) -> torch.Tensor:
-    """Student top-K for the ``prefix`` mode, sliced from a forward on (prompt, candidate).
-
-    `sequence_topk` is LongTensor[..., S, K]: the student's top-K at every position of the full
-    sequence prompt + candidate, where row s holds the prediction made at position s, i.e. for
-    token s + 1. The candidate's token t sits at position ``response_start + t``, so its prediction
-    is row ``response_start - 1 + t``. Returns LongTensor[..., length, K], padded with -1 where the
-    sequence is too short. The off-by-one lives here so that no caller has to get it right again.
-    """
-    if sequence_topk.dim() < 2:
-        raise ValueError(f"sequence_topk must be [..., S, K], got shape {tuple(sequence_topk.shape)}")
-    if response_start < 1:
-        raise ValueError(f"response_start must be >= 1 (a prompt of at least one token), got {response_start}")
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
-    *lead, seq_len, k = sequence_topk.shape
-    out = torch.full((*lead, length, k), PAD_ID, dtype=torch.long, device=sequence_topk.device)
-    first = response_start - 1
-    n = max(0, min(length, seq_len - first))
-    out[..., :n, :] = sequence_topk[..., first : first + n, :]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # overlap scores
 # --------------------------------------------------------------------------------------------------
@@ -170,23 +139,12 @@ def _hits(candidate_ids: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     return eq.any(dim=-1)
 
 
-def overlap_score(candidate_ids: torch.Tensor, student_topk_ids: torch.Tensor, valid: torch.Tensor) -> float:
-    """Fraction of valid positions whose candidate token is in the student's top-K there (§3.3).
-
-    `candidate_ids` LongTensor[L], `student_topk_ids` LongTensor[L, K] (-1 never matches),
-    `valid` BoolTensor[L]. Returns 0.0 when no position is valid (the reference's rule, TS:101-105).
-    """
-    if candidate_ids.dim() != 1:
-        raise ValueError(f"candidate_ids must be [L], got shape {tuple(candidate_ids.shape)}")
-    scores = overlap_scores(candidate_ids.unsqueeze(0), student_topk_ids, valid.unsqueeze(0))
-    return float(scores[0].item())
-
-
 def overlap_scores(candidate_ids: torch.Tensor, student_topk_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Batched `overlap_score`: FloatTensor[C] (float64, so equal fractions compare equal).
+    """The §3.3 overlap of each candidate: FloatTensor[C] (float64, so equal fractions compare equal).
 
     `candidate_ids` LongTensor[C, L] (padded), `student_topk_ids` LongTensor[C, L, K] or [L, K]
-    (shared by all candidates), `valid` BoolTensor[C, L].
+    (shared by all candidates; -1 never matches), `valid` BoolTensor[C, L]. A candidate without a
+    valid position scores 0.0 (the reference's rule, TS:101-105).
     """
     if candidate_ids.dim() != 2:
         raise ValueError(f"candidate_ids must be [C, L], got shape {tuple(candidate_ids.shape)}")
@@ -216,7 +174,7 @@ def position_overlap_matrix(
     `candidate_ids` LongTensor[C, L] with real lengths `candidate_lengths` (EOS included);
     `rollout_topk` LongTensor[N, R, K], the student's top-K on each of the prompt's N rollouts,
     with real lengths `rollout_lengths`. Entry (i, j) is the §3.3 sim(i, j), on which row i's
-    selection is made (`select_for_rows`).
+    selection is made (`choose_position`).
     """
     if rollout_topk.dim() != 3:
         raise ValueError(f"rollout_topk must be [N, R, K], got shape {tuple(rollout_topk.shape)}")
@@ -236,90 +194,150 @@ def position_overlap_matrix(
     return torch.stack(rows)
 
 
+def topk_overlap(student_ids: np.ndarray | torch.Tensor, teacher_ids: np.ndarray | torch.Tensor) -> float:
+    """Mean over positions of |student top-K ∩ teacher top-K| / K: a diagnostic of how close the two are (the
+    ``ts_overlap`` metric), with the overlap score's hit rule (padding never matches)."""
+    s = torch.as_tensor(np.array(student_ids), dtype=torch.long)
+    t = torch.as_tensor(np.array(teacher_ids), dtype=torch.long)
+    rows = min(s.shape[0], t.shape[0])
+    if rows == 0:
+        return 0.0
+    s, t = s[:rows], t[:rows]
+    hits = _hits(s, t.unsqueeze(-2)).sum(-1).double()  # per student id j of row r: is it in the teacher's row r
+    return float((hits / max(s.shape[1], 1)).mean())
+
+
 # --------------------------------------------------------------------------------------------------
 # the priority rule
 # --------------------------------------------------------------------------------------------------
 
 
-def _checked(tier: Sequence[tuple[bool, float]], name: str) -> list[tuple[bool, float]]:
-    out: list[tuple[bool, float]] = []
-    for i, entry in enumerate(tier):
-        if len(entry) != 2:
-            raise ValueError(f"{name}[{i}] must be a (correct, overlap) pair, got {entry!r}")
-        correct, overlap = entry
-        overlap_f = float(overlap)
-        if not math.isfinite(overlap_f):
-            raise ValueError(f"{name}[{i}] has a non-finite overlap {overlap_f}")
-        out.append((bool(correct), overlap_f))
-    return out
+def deciding_group(tier1_correct: Sequence[bool], tier2_correct: Sequence[bool],
+                   tier3: Tier3Policy) -> tuple[int | None, list[Key]]:
+    """The first half of the priority rule: correctness alone names the candidates among which overlap decides.
 
-
-def _argmax_first(entries: list[tuple[bool, float]], only_correct: bool) -> int | None:
-    """Index of the highest overlap (first one on ties), among correct entries if `only_correct`."""
-    best: int | None = None
-    for i, (correct, overlap) in enumerate(entries):
-        if only_correct and not correct:
-            continue
-        if best is None or overlap > entries[best][1]:
-            best = i
-    return best
-
-
-def select_candidate(
-    tier1: Sequence[tuple[bool, float]],
-    tier2: Sequence[tuple[bool, float]],
-    tier3: Tier3Policy = "most_similar",
-) -> tuple[int, int] | None:
-    """Pick the teacher trajectory by the BRTS priority rule (brts-reference §3.4, §4.3, §5).
-
-    `tier1`, `tier2`: one ``(correct, overlap)`` per candidate. Returns ``(tier, index)`` into that
-    tier's list: ``(1, i)`` the correct Tier-1 candidate with the highest overlap, else ``(2, j)`` the
-    correct Tier-2 candidate with the highest overlap, else ``(3, i)`` the Tier-1 candidate with the
-    highest overlap regardless of correctness. Ties go to the lowest index. Returns None when `tier1`
-    is empty (no teacher pool: the prompt has no teacher branch) or when Tier 3 is reached with
-    ``tier3="skip"``. A non-finite overlap is a caller bug and raises ValueError.
+    Returns ``(tier, members)``: ``(1, correct Tier-1)`` if there is one, else ``(2, correct Tier-2)``, else
+    ``(3, every Tier-1)`` (``tier3="most_similar"``; Tier-2 candidates never enter Tier 3), and ``(None, [])``
+    when there is no choice at all (no Tier-1 candidate, or Tier 3 reached with ``tier3="skip"``). Members are
+    `Key` s in index order, which is what sends ties to the lowest index.
     """
-    check_tier3_policy(tier3)
-    t1 = _checked(tier1, "tier1")
-    t2 = _checked(tier2, "tier2")
-    if not t1:
-        return None
-    best1 = _argmax_first(t1, only_correct=True)
-    if best1 is not None:
-        return (1, best1)
-    best2 = _argmax_first(t2, only_correct=True)
-    if best2 is not None:
-        return (2, best2)
+    if tier3 not in ("most_similar", "skip"):  # the config validates it; this catches a direct caller's typo
+        raise ValueError(f"tier3 must be one of most_similar, skip; got {tier3!r}")
+    if not tier1_correct:
+        return None, []
+    correct1 = [(1, i) for i, ok in enumerate(tier1_correct) if ok]
+    if correct1:
+        return 1, correct1
+    correct2 = [(2, i) for i, ok in enumerate(tier2_correct) if ok]
+    if correct2:
+        return 2, correct2
     if tier3 == "skip":
-        return None
-    best3 = _argmax_first(t1, only_correct=False)
-    assert best3 is not None  # t1 is non-empty
-    return (3, best3)
+        return None, []
+    return 3, [(1, i) for i in range(len(tier1_correct))]
 
 
-def select_for_rows(
-    tier1_correct: Sequence[bool],
-    tier1_overlaps: torch.Tensor,
-    tier2_correct: Sequence[bool],
-    tier2_overlaps: torch.Tensor,
-    tier3: Tier3Policy = "most_similar",
-) -> list[tuple[int, int] | None]:
-    """`select_candidate` for each of N rollout rows sharing one candidate pool.
+def select_candidate(tier1_correct: Sequence[bool], tier2_correct: Sequence[bool], overlaps: Mapping[Key, float],
+                     tier3: Tier3Policy) -> tuple[int, Key] | None:
+    """The priority rule: ``(tier, key)`` of the deciding group's member with the highest overlap (the first on
+    ties), or None when `deciding_group` is empty.
 
-    Correctness is a property of the candidate (one flag per candidate); the overlap depends on the
-    row in ``position`` mode, hence `tier1_overlaps` FloatTensor[N, C1] and `tier2_overlaps`
-    FloatTensor[N, C2] (from `position_overlap_matrix`). In ``prefix`` mode all rows are equal and a
-    single `select_candidate` call suffices.
+    `overlaps` needs an entry for every member of a group of two or more; a group of one wins without one. A
+    missing or non-finite overlap there is a caller bug and raises ValueError.
     """
-    c1, c2 = len(tier1_correct), len(tier2_correct)
-    if tier1_overlaps.dim() != 2 or tier1_overlaps.shape[1] != c1:
-        raise ValueError(f"tier1_overlaps must be [N, {c1}], got shape {tuple(tier1_overlaps.shape)}")
-    n = tier1_overlaps.shape[0]
-    if tier2_overlaps.shape != (n, c2):
-        raise ValueError(f"tier2_overlaps must be [{n}, {c2}], got shape {tuple(tier2_overlaps.shape)}")
-    out: list[tuple[int, int] | None] = []
-    for row in range(n):
-        t1 = list(zip(tier1_correct, tier1_overlaps[row].tolist(), strict=True))
-        t2 = list(zip(tier2_correct, tier2_overlaps[row].tolist(), strict=True))
-        out.append(select_candidate(t1, t2, tier3))
-    return out
+    tier, group = deciding_group(tier1_correct, tier2_correct, tier3)
+    if tier is None:
+        return None
+    if len(group) == 1:
+        return tier, group[0]
+    best: Key | None = None
+    best_overlap = -math.inf
+    for key in group:
+        overlap = float(overlaps.get(key, math.nan))
+        if not math.isfinite(overlap):
+            raise ValueError(f"overlap of candidate {key}: must be a finite number, got {overlaps.get(key)!r}")
+        if best is None or overlap > best_overlap:
+            best, best_overlap = key, overlap
+    assert best is not None  # the group has members
+    return tier, best
+
+
+# --------------------------------------------------------------------------------------------------
+# the choice per prompt (prefix) or per rollout row (position)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pool:
+    """A prompt's candidates as the server sent them, split by tier (``Candidate`` records of the client)."""
+
+    tier1: list[Any]
+    tier2: list[Any]
+
+    @classmethod
+    def of(cls, candidates: Sequence[Any]) -> "Pool":
+        return cls([c for c in candidates if c.tier == 1], [c for c in candidates if c.tier == 2])
+
+    def candidate(self, key: Key) -> Any:
+        tier, index = key
+        return (self.tier1 if tier == 1 else self.tier2)[index]
+
+    def group(self, tier3: Tier3Policy) -> tuple[int | None, list[Key]]:
+        """`deciding_group` of this pool."""
+        return deciding_group([bool(c.correct) for c in self.tier1], [bool(c.correct) for c in self.tier2], tier3)
+
+    def contested(self, tier3: Tier3Policy) -> list[Key]:
+        """The candidates whose overlap the choice needs: the deciding group when it has two or more members."""
+        _, members = self.group(tier3)
+        return members if len(members) > 1 else []
+
+
+@dataclass
+class Choice:
+    """The chosen candidate (None: no teacher branch for this prompt/row) and the overlaps behind the choice."""
+
+    tier: int | None  # 1, 2, 3, or None (skipped)
+    candidate: Any | None
+    overlap: float | None  # of the chosen one, when it was scored
+    others: list[float]  # of the scored candidates not chosen
+
+
+def _choice(pool: Pool, overlaps: dict[Key, float], tier3: Tier3Policy) -> Choice:
+    picked = select_candidate([bool(c.correct) for c in pool.tier1], [bool(c.correct) for c in pool.tier2],
+                              overlaps, tier3)
+    if picked is None:
+        return Choice(None, None, None, list(overlaps.values()))
+    tier, key = picked
+    return Choice(tier, pool.candidate(key), overlaps.get(key), [v for k, v in overlaps.items() if k != key])
+
+
+def choose_prefix(pool: Pool, student_topk: Mapping[Key, torch.Tensor], tier3: Tier3Policy) -> Choice:
+    """``prefix`` mode: ``student_topk[key]`` is the student's top-K ids [L, K] along candidate ``key`` under its
+    own prefix, for the members of `Pool.contested` (none when the deciding group has one member)."""
+    overlaps = {}
+    for key, topk in student_topk.items():
+        ids = torch.as_tensor(pool.candidate(key).token_ids, dtype=torch.long)
+        valid = torch.ones(1, ids.numel(), dtype=torch.bool)
+        overlaps[key] = float(overlap_scores(ids.unsqueeze(0), topk[: ids.numel()], valid)[0])
+    return _choice(pool, overlaps, tier3)
+
+
+def choose_position(pool: Pool, rollout_topk: Sequence[torch.Tensor], tier3: Tier3Policy) -> list[Choice]:
+    """``position`` mode (the reference's): one choice per rollout row of the prompt; ``rollout_topk[r]`` is the
+    student's top-K ids [R_r, K] along its rollout r (row t = response index t). Every member of the deciding
+    group is scored, also a lone one (the metrics then report its overlap)."""
+    _, group = pool.group(tier3)
+    if not group or not rollout_topk:
+        return [_choice(pool, {}, tier3) for _ in rollout_topk]
+    cands = [pool.candidate(key) for key in group]
+    length = max(len(c.token_ids) for c in cands)
+    ids = torch.full((len(cands), length), PAD_ID, dtype=torch.long)
+    for j, c in enumerate(cands):
+        ids[j, : len(c.token_ids)] = torch.as_tensor(c.token_ids, dtype=torch.long)
+    rows = max(int(t.shape[0]) for t in rollout_topk)
+    k = int(rollout_topk[0].shape[1])
+    stacked = torch.full((len(rollout_topk), rows, k), PAD_ID, dtype=torch.long)
+    for r, t in enumerate(rollout_topk):
+        stacked[r, : t.shape[0]] = t
+    matrix = position_overlap_matrix(ids, [len(c.token_ids) for c in cands], stacked,
+                                     [int(t.shape[0]) for t in rollout_topk])
+    return [_choice(pool, dict(zip(group, matrix[r].tolist())), tier3) for r in range(len(rollout_topk))]

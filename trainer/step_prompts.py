@@ -15,14 +15,14 @@ from brts.shared.client import Prompt
 from brts.shared.config import TrainConfig
 from brts.shared.data import Problem
 from brts.shared.prompts import PromptSpec
-from brts.trainer.sampler import Draw, PromptSampler, pool_offset
+from brts.trainer.sampler import PromptDraw, PromptSampler, pool_offset
 
 __all__ = ["StepPrompt", "build_step_prompts", "prompt_spec_of", "teacher_requests"]
 
 
 @dataclass(frozen=True)
 class StepPrompt:
-    draw: Draw
+    draw: PromptDraw
     problem: Problem
     ids: tuple[int, ...]
 
@@ -37,7 +37,8 @@ def prompt_spec_of(config: TrainConfig) -> PromptSpec:
     return PromptSpec.from_options(p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt)
 
 
-def build_step_prompts(draws: Sequence[Draw], problems: Sequence[Problem], spec: PromptSpec) -> tuple[list[StepPrompt], int]:
+def build_step_prompts(draws: Sequence[PromptDraw], problems: Sequence[Problem],
+                       spec: PromptSpec) -> tuple[list[StepPrompt], int]:
     """(the draws' prompts that fit, how many did not)."""
     picked = [problems[d.item] for d in draws]
     ids = spec.encode_batch([p.problem for p in picked], check_length=False) if picked else []

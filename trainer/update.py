@@ -17,17 +17,19 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from brts.trainer.fsdp import fsdp_modules
 from brts.trainer.losses import student_context_loss, teacher_context_loss
+from brts.trainer.microbatch import (DUMMY_RESPONSE_START, DUMMY_TOKENS, all_reduce_max, all_reduce_sum,
+                                     check_response_start, collate, lockstep_plan)
 
 
 @dataclass
-class Sequence_:
-    """One training sequence: prompt + response ids, where the response starts, and for each response position
-    t (predicting ``token_ids[response_start + t]``) the K ids to score and the teacher's log-probs there."""
+class TrainSequence:
+    """One training sequence: prompt + response ids, where the response starts, and for each response row t
+    (predicting ``token_ids[response_start + t]``, see ``microbatch``) the K ids to score and the teacher's
+    log-probs there."""
 
     token_ids: torch.Tensor  # long [L]
     response_start: int
@@ -36,9 +38,8 @@ class Sequence_:
     mask: torch.Tensor | None = None  # bool [R]; default: every response position
 
     def __post_init__(self) -> None:
+        check_response_start(self.response_start, int(self.token_ids.numel()))
         rows = int(self.token_ids.numel()) - self.response_start
-        if not 1 <= self.response_start < self.token_ids.numel():
-            raise ValueError(f"response_start: must be in 1..{self.token_ids.numel() - 1}, got {self.response_start}")
         if self.ids.shape != self.teacher_logprobs.shape or self.ids.shape[0] != rows:
             raise ValueError(f"ids/teacher_logprobs: must both be [{rows}, K], got {tuple(self.ids.shape)} and "
                              f"{tuple(self.teacher_logprobs.shape)}")
@@ -71,67 +72,26 @@ class StepStats:
     micro_batches: int
 
 
-def plan_by_length(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Greedy, in order: a micro-batch (indices) grows while (sequences × longest length) stays within ``budget``."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pack(seqs: Sequence[Sequence_], budget: int) -> list[list[Sequence_]]:
-    """``plan_by_length`` over the sequences' token counts."""
-    return [[seqs[i] for i in batch] for batch in plan_by_length([int(s.token_ids.numel()) for s in seqs], budget)]
-
-
-def _collate(batch: Sequence[Sequence_], k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, attention mask, the row positions of each response, gather ids, teacher log-probs, mask."""
-    length = max(int(s.token_ids.numel()) for s in batch)
-    rows = max(int(s.ids.shape[0]) for s in batch)
-    b = len(batch)
-    input_ids = torch.zeros(b, length, dtype=torch.long)
-    attention = torch.zeros(b, length, dtype=torch.long)
-    positions = torch.zeros(b, rows, dtype=torch.long)
+def _collate(batch: Sequence[TrainSequence], k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``microbatch.collate``'s ids, attention mask and positions, then per response row (padded to the longest
+    response and to ``k``) the ids to gather, the teacher's log-probs and the mask."""
+    input_ids, attention, positions = collate([s.token_ids for s in batch], [s.response_start for s in batch], device)
+    b, rows = positions.shape
     ids = torch.full((b, rows, k), -1, dtype=torch.long)
     teacher = torch.full((b, rows, k), float("-inf"))
     mask = torch.zeros(b, rows, dtype=torch.bool)
     for i, s in enumerate(batch):
-        n, r = int(s.token_ids.numel()), int(s.ids.shape[0])
-        input_ids[i, :n] = s.token_ids
-        attention[i, :n] = 1
-        positions[i, :r] = torch.arange(s.response_start - 1, n - 1)
+        r = int(s.ids.shape[0])
         ids[i, :r, : s.ids.shape[1]] = s.ids
         teacher[i, :r, : s.ids.shape[1]] = s.teacher_logprobs.float()
         mask[i, :r] = s.mask  # type: ignore[assignment]
-    return tuple(t.to(device) for t in (input_ids, attention, positions, ids, teacher, mask))
+    return (input_ids, attention, positions, *(t.to(device) for t in (ids, teacher, mask)))
 
 
-def _dummy(k: int) -> Sequence_:
-    """An all-masked two-token sequence for ranks with fewer micro-batches (keeps FSDP2 collectives paired)."""
-    return Sequence_(torch.tensor([0, 0]), 1, torch.full((1, k), -1, dtype=torch.long), torch.full((1, k), float("-inf")),
-                     torch.zeros(1, dtype=torch.bool))
-
-
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_max(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _dummy(k: int) -> TrainSequence:
+    """An all-masked ``DUMMY_TOKENS`` sequence for the empty micro-batches of ``lockstep_plan``."""
+    return TrainSequence(torch.tensor(DUMMY_TOKENS), DUMMY_RESPONSE_START, torch.full((1, k), -1, dtype=torch.long),
+                         torch.full((1, k), float("-inf")), torch.zeros(1, dtype=torch.bool))
 
 
 class Updater:
@@ -146,20 +106,18 @@ class Updater:
         for m in self._fsdp:
             m.set_requires_gradient_sync(sync, recurse=False)
 
-    def step(self, student: Sequence[Sequence_], teacher: Sequence[Sequence_] = ()) -> StepStats:
+    def step(self, student: Sequence[TrainSequence], teacher: Sequence[TrainSequence] = ()) -> StepStats:
         cfg = self.config
         k_sc = max([int(s.ids.shape[1]) for s in student] or [1])
         k_tc = max([int(s.ids.shape[1]) for s in teacher] or [1])
-        n_sc, n_tc = _all_sum([sum(s.tokens for s in student), sum(s.tokens for s in teacher)], self.device)
-        k_sc, k_tc = _all_max(k_sc, self.device), _all_max(k_tc, self.device)
+        n_sc, n_tc = all_reduce_sum([sum(s.tokens for s in student), sum(s.tokens for s in teacher)], self.device)
+        k_sc, k_tc = all_reduce_max(k_sc, self.device), all_reduce_max(k_tc, self.device)
         plans = []
         for seqs, k, n, branch in ((student, k_sc, n_sc, "sc"), (teacher, k_tc, n_tc, "tc")):
             if n == 0:
                 continue  # no rank has tokens in this branch: L = 0 (e.g. the student-only baseline)
-            batches = pack(seqs, cfg.token_budget)
-            want = _all_max(len(batches), self.device)
-            batches += [[_dummy(k)] for _ in range(want - len(batches))]
-            plans += [(branch, b, k, n) for b in batches]
+            plan = lockstep_plan([int(s.token_ids.numel()) for s in seqs], cfg.token_budget, self.device)
+            plans += [(branch, [seqs[i] for i in batch] or [_dummy(k)], k, n) for batch in plan]
         totals = {"sc": torch.zeros((), dtype=torch.float64), "tc": torch.zeros((), dtype=torch.float64)}
         self.optimizer.zero_grad(set_to_none=True)
         for i, (branch, batch, k, n) in enumerate(plans):
@@ -174,7 +132,7 @@ class Updater:
                 (cfg.lam * loss).backward()
             totals[branch] += loss.detach().double().cpu()
         self._set_sync(True)
-        sc, tc = _all_sum([float(totals["sc"]), float(totals["tc"])], self.device)
+        sc, tc = all_reduce_sum([float(totals["sc"]), float(totals["tc"])], self.device)
         params = [p for p in self.wrapper.parameters() if p.grad is not None]
         grad_norm = 0.0
         if params:

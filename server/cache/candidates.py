@@ -1,12 +1,14 @@
 """The candidate cache: append-only pools of teacher candidates, generated once, served forever.
 
-``CandidateCache.get`` answers a batch of ``PromptJob`` windows (design.md §4):
-1. read every wanted Tier-1 entry [offset, offset + n) in one snapshot;
-2. claim the missing ones (single flight: an entry another thread is generating is waited for, not generated
-   again), draw them all in one engine call with seeds derived from (seed, pool key, index), score them all in
-   one scorer call, and commit them in one transaction;
-3. judge every entry's stored answer against THIS request's ground truth, and for the prompts whose window is
-   all wrong do the same for the Tier-2 attempts (their pool key holds the ground truth and the hint version);
+``CandidateCache.get`` answers a batch of ``PromptJob`` windows (design.md §4). The cache stores; which entries
+a prompt wants, when Tier 2 fires, what is scored and what is kept are the pipeline's rules
+(``brts.server.pipeline``: ``tier1_slots``, ``tier2_fires``, ``scored_when_drawn``, ``tier2_kept``, ...):
+1. read every wanted Tier-1 entry (``tier1_slots``) in one snapshot;
+2. claim the ones with work to do (``entry_work``; single flight: an entry another thread is generating is waited
+   for, not generated again), draw them all in one engine call with seeds from ``pool_sample_seed``, score them
+   all in one scorer call, and commit them in one transaction;
+3. judge every entry's stored answer against THIS request's ground truth, and for the prompts where Tier 2 fires
+   do the same for the Tier-2 attempts (their pool key holds the ground truth and the hint version);
 4. build every reply from the bytes read back from LMDB, so a fresh reply and every later cached one are
    byte-identical.
 """
@@ -18,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,7 +29,25 @@ from brts.server.cache.faithful import record_tokenizer
 from brts.server.cache.keys import PoolAddress, entry_key, name_key, pool_address, sampling_key
 from brts.server.cache.store import DEFAULT_MAP_SIZE, CacheError, LmdbStore
 from brts.shared.engines.base import SamplingParams
-from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, CandidateRecord, Draw, PromptJob, derive_seed
+from brts.server.pipeline import (
+    DRAW,
+    RESCORE,
+    TIER1,
+    TIER2,
+    CandidatePipeline,
+    CandidateRecord,
+    EntryWork,
+    PoolDraw,
+    PromptJob,
+    entry_work,
+    judged_when_drawn,
+    pool_sample_seed,
+    scored_when_drawn,
+    tier1_slots,
+    tier2_fires,
+    tier2_indices,
+    tier2_kept,
+)
 from brts.shared.topk import TopK
 from brts.shared.verify import answers_correct_batch
 
@@ -56,6 +76,8 @@ class ServedCandidate:
 
 @dataclass
 class ServedPrompt:
+    """One prompt's reply: what the trainer distils from (``candidates``) and every hinted attempt, for counts."""
+
     prompt_id: str
     candidates: list[ServedCandidate]  # the Tier-1 window (entries that exist), then the kept Tier-2 attempts
     tier2_attempts: list[ServedCandidate] = field(default_factory=list)
@@ -136,39 +158,50 @@ class CandidateCache:
         if generate and self.pipeline is None:
             raise CacheError("cache: opened without a pipeline, so it cannot generate; pass generate=False")
         samp = sampling_key(sampling, seed)
-        wants1 = [self._tier1_wants(job, samp) for job in jobs]
-        got1, fresh1 = self._ensure([w for ws in wants1 for w in ws], sampling, seed, k, generate)
-        present1 = [[w for w in wants if w.key in got1] for wants in wants1]
-        judged1 = self._judge(jobs, present1, got1)
-        served = []
-        for job, wants, present, judged in zip(jobs, wants1, present1, judged1):
-            cands = [self._serve(got1[w.key], ok, k, w.key in fresh1) for w, ok in zip(present, judged)]
-            hit = not any(w.key in fresh1 for w in wants)
-            served.append(ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=len(wants) - len(present)))
-        retry = [n for n, (job, s) in enumerate(zip(jobs, served)) if job.n_tier2 > 0 and not any(c.correct for c in s.candidates)]
-        wants2 = [self._tier2_wants(jobs[n], samp) for n in retry]
-        got2, fresh2 = self._ensure([w for ws in wants2 for w in ws], sampling, seed, k, generate)
+        fetched1 = self._fetch(jobs, self._tier1_wants, samp, sampling, seed, k, generate)
+        served = [ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=missing)
+                  for job, (cands, hit, missing) in zip(jobs, fetched1)]
+        retry = [n for n, job in enumerate(jobs) if tier2_fires(job, (c.correct for c in served[n].candidates))]
         keep_leaked = self.pipeline.keep_leaked if self.pipeline is not None else False
-        present2 = [[w for w in wants if w.key in got2] for wants in wants2]
-        judged2 = self._judge([jobs[n] for n in retry], present2, got2)
-        for n, wants, present, judged in zip(retry, wants2, present2, judged2):
-            attempts = [self._serve(got2[w.key], ok, k, w.key in fresh2) for w, ok in zip(present, judged)]
+        fetched2 = self._fetch([jobs[n] for n in retry], self._tier2_wants, samp, sampling, seed, k, generate)
+        for n, (attempts, hit, missing) in zip(retry, fetched2):
             s = served[n]
             s.tier2_attempts = attempts
-            s.candidates.extend(c for c in attempts if c.correct and (keep_leaked or not c.leaked) and c.topk is not None)
-            s.cache_hit = s.cache_hit and not any(w.key in fresh2 for w in wants)
-            s.missing += len(wants) - len(present)
+            s.candidates.extend(c for c in attempts if tier2_kept(c.correct, c.leaked, c.topk is not None, keep_leaked))
+            s.cache_hit = s.cache_hit and hit
+            s.missing += missing
         elapsed = time.monotonic() - start
         for s in served:
             s.seconds = elapsed
         return served
 
+    def _fetch(self, jobs: Sequence[PromptJob], wants_of: Callable[[PromptJob, dict], list[_Want]], samp: dict,
+               sampling: SamplingParams, seed: int, k: int,
+               generate: bool) -> list[tuple[list[ServedCandidate], bool, int]]:
+        """One tier of every job: its wanted entries made to exist (unless not ``generate``), read back, judged
+        against the job's ground truth. Per job: the served entries that exist, whether none of its wanted
+        entries was made by this call (a cache hit), and how many wanted entries do not exist."""
+        wants = [wants_of(job, samp) for job in jobs]
+        got, fresh = self._ensure([w for ws in wants for w in ws], sampling, seed, k, generate)
+        present = [[w for w in ws if w.key in got] for ws in wants]
+        judged = self._judge(jobs, present, got)
+        out = []
+        for ws, here, verdicts in zip(wants, present, judged):
+            cands = [self._serve(got[w.key], ok, k, w.key in fresh) for w, ok in zip(here, verdicts)]
+            out.append((cands, not any(w.key in fresh for w in ws), len(ws) - len(here)))
+        return out
+
     def _judge(self, jobs: Sequence[PromptJob], present: list[list[_Want]], got: dict[bytes, Entry]) -> list[list[bool]]:
         """Every stored answer against its request's ground truth, in one verifier batch for the whole call."""
         answers = [got[w.key].answer for ws in present for w in ws]
         truths = [job.ground_truth for job, ws in zip(jobs, present) for _ in ws]
-        flat = iter(answers_correct_batch(answers, truths, self._verifier))
+        flat = iter(self._verdicts(answers, truths))
         return [[next(flat) for _ in ws] for ws in present]
+
+    def _verdicts(self, answers: Sequence[str | None], truths: Sequence[str]) -> list[bool]:
+        """The one way answers are judged, at draw and when served: the extracted answer (what an entry stores),
+        never the text, so a verdict depends on nothing the cache does not keep."""
+        return answers_correct_batch(answers, truths, self._verifier)
 
     # -- wants ----------------------------------------------------------------------------------------------------
     @property
@@ -176,11 +209,12 @@ class CandidateCache:
         return self.pipeline.verifier if self.pipeline is not None else None
 
     def _tier1_wants(self, job: PromptJob, samp: dict) -> list[_Want]:
+        """The window's entries (``tier1_slots``): the perturbed slot from the perturbed pool, the rest from the
+        plain pool."""
         plain = pool_address("tier1", self.teacher, job.prompt_ids, samp)
-        perturbed_index = job.pool_offset + job.perturb_slot if job.perturbation is not None else None
         wants = []
-        for i in range(job.pool_offset, job.pool_offset + job.n_tier1):
-            if i == perturbed_index:
+        for i, perturbed in tier1_slots(job):
+            if perturbed:
                 addr = pool_address("perturbed", self.teacher, job.prompt_ids, samp, perturbation=job.perturbation or "")
                 wants.append(_Want(job, addr, TIER1, i, perturbed=True))
             else:
@@ -189,7 +223,7 @@ class CandidateCache:
 
     def _tier2_wants(self, job: PromptJob, samp: dict) -> list[_Want]:
         addr = pool_address("tier2", self.teacher, job.prompt_ids, samp, ground_truth=job.ground_truth)
-        return [_Want(job, addr, TIER2, j) for j in range(job.n_tier2)]
+        return [_Want(job, addr, TIER2, j) for j in tier2_indices(job)]
 
     def _serve(self, entry: Entry, correct: bool, k: int, fresh: bool) -> ServedCandidate:
         topk = entry.topk.slice_k(min(k, entry.k)) if entry.topk is not None else None
@@ -217,9 +251,11 @@ class CandidateCache:
                     found[w.key] = decode_entry(raw, f"entry {w.key.hex()}")
         return found
 
-    def _todo(self, wants: Sequence[_Want], found: dict[bytes, Entry], k: int) -> list[_Want]:
-        """Missing entries, and entries whose stored top-K is narrower than asked (scored again, wider)."""
-        return [w for w in wants if w.key not in found or (found[w.key].topk is not None and found[w.key].k < k)]
+    @staticmethod
+    def _work(w: _Want, found: dict[bytes, Entry], k: int) -> EntryWork | None:
+        """``entry_work`` of a wanted entry, given what the last read found."""
+        entry = found.get(w.key)
+        return entry_work(entry is not None, entry.k if entry is not None and entry.topk is not None else None, k)
 
     # -- single flight --------------------------------------------------------------------------------------------
     def _ensure(self, wants: Sequence[_Want], sampling: SamplingParams, seed: int, k: int,
@@ -229,7 +265,7 @@ class CandidateCache:
         made: set[bytes] = set()
         while True:
             found = self._read(unique)
-            todo = self._todo(unique, found, k) if generate else []
+            todo = [w for w in unique if self._work(w, found, k) is not None] if generate else []
             if not todo:
                 return found, made
             mine, waits = [], []
@@ -260,37 +296,22 @@ class CandidateCache:
               k: int) -> None:
         """Draw the missing entries (one engine call), score (one scorer call), commit (one transaction)."""
         assert self.pipeline is not None
-        missing = [w for w in wants if w.key not in found]
-        rescore = [w for w in wants if w.key in found]
-        groups: dict[tuple[bytes, bool], list[_Want]] = {}
-        for w in missing:
-            groups.setdefault((w.address.key, w.perturbed), []).append(w)
-        draws = [
-            Draw(ws[0].job, ws[0].tier, tuple(w.index for w in ws),
-                 tuple(derive_seed(seed, w.address.key, w.index) for w in ws), perturbed=perturbed)
-            for (_, perturbed), ws in groups.items()
-        ]
-        store_k = max(k, self.store_k)
+        missing = [w for w in wants if self._work(w, found, k) == DRAW]
+        rescore = [w for w in wants if self._work(w, found, k) == RESCORE]
         with self._engine_lock:
-            drawn = self.pipeline.draw(draws, sampling)
-            pairs: list[tuple[Sequence[int], CandidateRecord]] = []
-            made: list[tuple[_Want, CandidateRecord, int]] = []
-            for ws, records, d in zip(groups.values(), drawn, draws):
-                for w, record, s in zip(ws, records, d.seeds):
-                    made.append((w, record, s))
-                    if w.tier == TIER1 or record.correct:  # Tier-2 attempts are scored when they could be kept
-                        pairs.append((w.job.prompt_ids, record))
+            made = self._draw(missing, sampling, seed)
+            pairs = [(w.job.prompt_ids, record) for w, record, _, scored in made if scored]
             old = []
             for w in rescore:
                 e = found[w.key]
                 record = CandidateRecord(e.tier, e.index, tuple(int(t) for t in e.token_ids), e.finish_reason, "",
-                                         e.answer, False)
+                                         e.answer)
                 old.append((w, e, record))
                 pairs.append((w.job.prompt_ids, record))
-            self.pipeline.score(pairs, store_k)
+            self.pipeline.score(pairs, max(k, self.store_k))
         now = time.time()
         values: list[tuple[_Want, bytes]] = []
-        for w, record, s in made:
+        for w, record, s, _ in made:
             entry = Entry(w.tier, w.index, np.asarray(record.token_ids, dtype=np.int32), record.finish_reason,
                           record.answer, record.leaked, record.perturbed, record.topk, seed=s, created=now)
             values.append((w, encode_entry(entry, self.logprob_dtype)))
@@ -300,6 +321,27 @@ class CandidateCache:
         self._commit(values, now)
         self.generated += len(made)
         self.rescored += len(old)
+
+    def _draw(self, missing: Sequence[_Want], sampling: SamplingParams,
+              seed: int) -> list[tuple[_Want, CandidateRecord, int, bool]]:
+        """Draw the missing entries in one engine call, one request per pool, with their ``pool_sample_seed``;
+        per entry: the record, its seed, and whether it is scored (``scored_when_drawn``, after judging once
+        the attempts whose scoring waits on a verdict, ``judged_when_drawn``, in one verifier batch)."""
+        assert self.pipeline is not None
+        groups: dict[tuple[bytes, bool], list[_Want]] = {}
+        for w in missing:
+            groups.setdefault((w.address.key, w.perturbed), []).append(w)
+        draws = [
+            PoolDraw(ws[0].job, ws[0].tier, tuple(w.index for w in ws),
+                     tuple(pool_sample_seed(seed, w.address.key, w.index) for w in ws), perturbed=perturbed)
+            for (_, perturbed), ws in groups.items()
+        ]
+        drawn = [(w, record, s) for ws, records, d in zip(groups.values(), self.pipeline.draw(draws, sampling), draws)
+                 for w, record, s in zip(ws, records, d.seeds)]
+        judge = [n for n, (w, _, _) in enumerate(drawn) if judged_when_drawn(w.tier)]
+        verdicts = self._verdicts([drawn[n][1].answer for n in judge], [drawn[n][0].job.ground_truth for n in judge])
+        correct: dict[int, bool] = dict(zip(judge, verdicts))
+        return [(w, record, s, scored_when_drawn(w.tier, correct.get(n))) for n, (w, record, s) in enumerate(drawn)]
 
     def _commit(self, values: Sequence[tuple[_Want, bytes]], now: float) -> None:
         db = self.store.db

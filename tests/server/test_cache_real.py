@@ -49,7 +49,7 @@ def served(hf_engine: Any, toy_tokenizer: Any, toy_teacher_dir: Path,
     spec = toy_prompt_spec(toy_tokenizer)
     jobs = [PromptJob(p.id, tuple(spec.encode(p.problem)), p.answer, n_tier1=N_TIER1, n_tier2=N_TIER2)
             for p in make_problems(N_PROBLEMS, seed=5)]
-    pipe = CandidatePipeline(hf_engine, hf_engine.scorer(), toy_tokenizer, SAMPLING, logprob_k=K, seed=SEED)
+    pipe = CandidatePipeline(hf_engine, hf_engine.scorer(), toy_tokenizer, SAMPLING, logprob_k=K)
     teacher = teacher_fingerprint(toy_teacher_dir, toy_tokenizer)
     path = tmp_path_factory.mktemp("cache-real") / "cache"
     # closed before the tests open the directory again: LMDB must not be open twice in one process

@@ -1,18 +1,15 @@
-"""The training loop's parts on their own: sampler, freshness windows, choice against the live student, the
-student's no-grad top-K, rollouts with a weight push, the metrics file on resume."""
+"""The training loop's parts on their own: sampler, freshness windows, the student's no-grad top-K, rollouts with a
+weight push, the metrics file on resume. (The choice against the live student is tested beside the rule, in
+test_selection.py; the micro-batch alignment in test_microbatch.py.)"""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-from brts.trainer.choose import Pool, choose_position, choose_prefix, deciding_group, topk_overlap, valid_rows
-from brts.trainer.sampler import PromptSampler, derive_seed, pool_offset
-from brts.trainer.selection import select_candidate
+from brts.trainer.sampler import PromptSampler, keyed_seed, pool_offset
 
 
 # ------------------------------------------------------------------------------------------------ sampler
@@ -49,66 +46,8 @@ def test_pool_windows_follow_the_freshness_policy():
     assert pool_offset("per_step", 4, epoch=3, step=9) == 36
     with pytest.raises(ValueError, match="freshness"):
         pool_offset("sometimes", 4, 0, 0)
-    assert derive_seed(1, "rollout", 2, 3) == derive_seed(1, "rollout", 2, 3) != derive_seed(1, "rollout", 2, 4)
-    assert 0 <= derive_seed("x") < 2**63
-
-
-# ------------------------------------------------------------------------------------------------ choice
-
-
-def _cand(tier, correct, ids):
-    return SimpleNamespace(tier=tier, correct=correct, token_ids=np.array(ids, dtype=np.int32))
-
-
-def test_deciding_group_is_where_overlap_can_still_matter():
-    pool = Pool.of([_cand(1, False, [1]), _cand(1, True, [2]), _cand(2, True, [3]), _cand(1, True, [4])])
-    assert deciding_group(pool, "most_similar") == [(1, 1), (1, 2)]
-    pool = Pool.of([_cand(1, False, [1]), _cand(2, False, [2]), _cand(2, True, [3])])
-    assert deciding_group(pool, "most_similar") == [(2, 1)]
-    pool = Pool.of([_cand(1, False, [1]), _cand(1, False, [2])])
-    assert deciding_group(pool, "most_similar") == [(1, 0), (1, 1)]
-    assert deciding_group(pool, "skip") == []
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_prefix_choice_on_the_deciding_group_equals_scoring_every_candidate(seed):
-    gen = torch.Generator().manual_seed(seed)
-    cands = [_cand(1 if i < 4 else 2, bool(torch.rand(1, generator=gen) < 0.4),
-                   torch.randint(0, 6, (5,), generator=gen).tolist()) for i in range(6)]
-    pool = Pool.of(cands)
-    topk = {(t, i): torch.randint(0, 6, (5, 2), generator=gen)
-            for t, tier in ((1, pool.tier1), (2, pool.tier2)) for i in range(len(tier))}
-
-    def overlap(key):
-        c = (pool.tier1 if key[0] == 1 else pool.tier2)[key[1]]
-        ids = torch.as_tensor(c.token_ids, dtype=torch.long)
-        return float((ids.unsqueeze(-1) == topk[key]).any(-1).double().mean())
-
-    for tier3 in ("most_similar", "skip"):
-        expected = select_candidate([(c.correct, overlap((1, i))) for i, c in enumerate(pool.tier1)],
-                                    [(c.correct, overlap((2, i))) for i, c in enumerate(pool.tier2)], tier3)
-        group = deciding_group(pool, tier3)
-        got = choose_prefix(pool, {k: topk[k] for k in group} if len(group) > 1 else {}, tier3)
-        if expected is None:
-            assert got.tier is None and got.candidate is None
-        else:
-            tier, index = expected
-            assert got.tier == tier
-            assert got.candidate is (pool.tier2 if tier == 2 else pool.tier1)[index]
-
-
-def test_position_choice_is_per_rollout_row():
-    pool = Pool.of([_cand(1, True, [5, 6, 7]), _cand(1, True, [8, 9, 9])])
-    rows = [torch.tensor([[5, 0], [6, 0], [7, 0]]), torch.tensor([[8, 1], [9, 1]])]
-    first, second = choose_position(pool, rows, "most_similar")
-    assert first.candidate is pool.tier1[0] and first.overlap == 1.0 and first.others == [0.0]
-    assert second.candidate is pool.tier1[1] and second.overlap == pytest.approx(2 / 3)
-
-
-def test_topk_overlap_and_truncation_mask():
-    assert topk_overlap(np.array([[1, 2], [3, 4]]), np.array([[2, 9], [-1, -1]])) == pytest.approx(0.25)
-    assert valid_rows(5, None).tolist() == [True] * 5
-    assert valid_rows(5, 2).tolist() == [True, True, False, False, False]
+    assert keyed_seed(1, "rollout", 2, 3) == keyed_seed(1, "rollout", 2, 3) != keyed_seed(1, "rollout", 2, 4)
+    assert 0 <= keyed_seed("x") < 2**63
 
 
 # ------------------------------------------------------------------------------------------------ student top-K

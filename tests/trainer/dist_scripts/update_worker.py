@@ -12,12 +12,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from brts.trainer.fsdp import init_distributed, shard_student
-from brts.trainer.update import Sequence_, UpdateConfig, Updater, make_optimizer
+from brts.trainer.update import TrainSequence, UpdateConfig, Updater, make_optimizer
 
 VOCAB, K = 300, 6
 
 
-def batch(seed: int, n: int) -> list[Sequence_]:
+def batch(seed: int, n: int) -> list[TrainSequence]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -28,7 +28,7 @@ def batch(seed: int, n: int) -> list[Sequence_]:
         ids[:, -1] = torch.where(torch.rand(rows, generator=g) < 0.2, -1, ids[:, -1])  # some padding
         lp = torch.log_softmax(torch.randn(rows, K, generator=g) * 2, -1).sort(-1, descending=True).values
         lp = torch.where(ids < 0, torch.full_like(lp, float("-inf")), lp)
-        out.append(Sequence_(torch.randint(0, VOCAB, (length,), generator=g), start, ids, lp))
+        out.append(TrainSequence(torch.randint(0, VOCAB, (length,), generator=g), start, ids, lp))
     return out
 
 
