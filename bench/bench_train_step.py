@@ -74,10 +74,10 @@ def main() -> int:
 
     from train_env import ServerProcess, make_student, write_config, write_problems
 
-    from brts.toy import fit_toy_model
     from brts.shared.data import load_dataset
+    from brts.toy import fit_toy_model
+    from brts.trainer.config import load_train_config
     from brts.trainer.fsdp import init_distributed
-    from brts.trainer.preflight import load_train_config
     from brts.trainer.step_prompts import prompt_spec_of
 
     teacher = fit_toy_model(REPO / ".pytest_cache" / "d" / "toy-teacher", quality="teacher")

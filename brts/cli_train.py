@@ -6,10 +6,11 @@ import sys
 
 import click
 
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--config", "config_file", default=None, help="YAML training config: a path or a shipped name (tiny_cpu, paper_brts_n4, ...).")
 @click.option("--nproc", type=int, default=None, help="Ranks to launch on this node [the config's launch.nproc].")
-@click.option("--resume", type=click.Path(file_okay=False), help="Checkpoint directory (or run dir) to continue from.")
+@click.option("--resume", type=click.Path(), help="Run dir, checkpoint dir or RUN/checkpoints/latest to continue from.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="With `export`: the student's original folder (config, tokenizer).")
 @click.argument("args", nargs=-1)
 def train(config_file: str | None, nproc: int | None, resume: str | None, base_model: str | None,
@@ -25,7 +26,7 @@ def train(config_file: str | None, nproc: int | None, resume: str | None, base_m
         if len(args) != 3 or not base_model:
             click.echo("brts train export: usage: brts train export CKPT OUT --base-model STUDENT_DIR", err=True)
             sys.exit(2)
-        from brts.trainer.checkpoint import export_hf
+        from brts.trainer.export import export_hf
 
         try:
             export_hf(args[1], base_model, args[2])

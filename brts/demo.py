@@ -125,7 +125,7 @@ def _write_problems(paths: DemoPaths, s: DemoSettings) -> None:
 def _write_train_configs(paths: DemoPaths, s: DemoSettings) -> dict[str, Path]:
     """The shipped tiny_cpu config with the demo's budget; one file per method, so a user can rerun one by hand."""
     from brts.shared.config import _merge, read_config_file
-    from brts.trainer.preflight import resolve_config
+    from brts.trainer.config import resolve_config
 
     base = read_config_file(resolve_config("tiny_cpu"))
     demo = {
@@ -317,11 +317,6 @@ def _check_marker(paths: DemoPaths, s: DemoSettings) -> None:
 def run_demo(out: str | os.PathLike[str], seeds: int = 3, retrain: bool = False,
              settings: DemoSettings | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the demo in ``out``; returns the summary (also in ``out/summary.json`` and ``summary.md``)."""
-    from tqdm import tqdm
-
-    from brts.demo_summary import format_summary, summarize
-    from brts.trainer.report import write_report
-
     if seeds < 1:
         raise DemoError(f"seeds: must be >= 1, got {seeds}")
     s = settings or DemoSettings()
@@ -339,6 +334,22 @@ def run_demo(out: str | os.PathLike[str], seeds: int = 3, retrain: bool = False,
     _write_problems(paths, s)
     configs = _write_train_configs(paths, s)
     server = _Server(paths, s)
+    address, prewarm, before = _fit_serve_and_eval_before(paths, s, seed_list, server, timings, t0, say)
+    try:
+        run_dirs = _train_all(paths, s, configs, seed_list, address, timings, say)
+    finally:
+        server.stop()
+    return _write_outputs(paths, s, seeds, run_dirs, before, prewarm, timings, t_all, say)
+
+
+def _fit_serve_and_eval_before(paths: DemoPaths, s: DemoSettings, seed_list: list[int], server: _Server,
+                               timings: dict[str, float], t0: float,
+                               say: Callable[[str], None]) -> tuple[str, dict[str, Any], list[float]]:
+    """Steps 1-3: both fits side by side, then the server and its prewarm while the untrained student is evaluated.
+
+    Returns (server address, prewarm counts, untrained accuracy per seed); the server is left running for training,
+    and stopped here only if these steps fail.
+    """
     # The untrained student is evaluated as soon as its fit exists, while the teacher fits and then prewarms: the
     # hf engine's small-batch generation leaves most of a core idle, so the overlap is nearly free.
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool, \
@@ -366,19 +377,34 @@ def run_demo(out: str | os.PathLike[str], seeds: int = 3, retrain: bool = False,
         except BaseException:
             server.stop()
             raise
-    try:
-        t0 = time.monotonic()
-        say(f"brts demo: [4/5] training BRTS and OPD, {s.steps} steps x {s.prompts_per_step} prompts each, "
-            f"seeds {seed_list} (logs in {paths.logs})")
-        run_dirs = [paths.run_dir(m, q) for m in METHODS for q in seed_list]
-        with tqdm(total=s.steps * len(run_dirs), unit="step", desc="train", mininterval=1.0) as bar:
-            for seed in seed_list:
-                _train_pair(paths, s, configs, seed, address, bar, run_dirs)
-            bar.update(bar.total - bar.n)
-        timings["training + final evals"] = time.monotonic() - t0
-    finally:
-        server.stop()
+    return address, prewarm, before
 
+
+def _train_all(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], seed_list: list[int], address: str,
+               timings: dict[str, float], say: Callable[[str], None]) -> list[Path]:
+    """Step 4: every seed's BRTS and OPD runs against the running server; returns every run's folder."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    say(f"brts demo: [4/5] training BRTS and OPD, {s.steps} steps x {s.prompts_per_step} prompts each, "
+        f"seeds {seed_list} (logs in {paths.logs})")
+    run_dirs = [paths.run_dir(m, q) for m in METHODS for q in seed_list]
+    with tqdm(total=s.steps * len(run_dirs), unit="step", desc="train", mininterval=1.0) as bar:
+        for seed in seed_list:
+            _train_pair(paths, s, configs, seed, address, bar, run_dirs)
+        bar.update(bar.total - bar.n)
+    timings["training + final evals"] = time.monotonic() - t0
+    return run_dirs
+
+
+def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list[Path], before: list[float],
+                   prewarm: dict[str, Any], timings: dict[str, float], t_all: float,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """Step 5: the report's plots, then the summary table (summary.md, summary.json and the console)."""
+    from brts.demo_summary import format_summary, summarize
+    from brts.trainer.report import write_report
+
+    seed_list = list(range(seeds))
     t0 = time.monotonic()
     say(f"brts demo: [5/5] writing the report to {paths.report}")
     write_report(run_dirs, paths.report)

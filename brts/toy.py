@@ -227,77 +227,112 @@ def fit_toy_model(out_dir: str | os.PathLike[str], quality: str = "teacher", **o
 
 def _fit(out: Path, s: ToyFitSettings, verbose: bool) -> None:
     """The training run: compact active-vocabulary model, exact full-vocabulary loss, then expand and save."""
-    from transformers import GenerationConfig, Qwen2ForCausalLM
-
-    from brts.shared.hints import hinted_prompt_ids
+    from transformers import Qwen2ForCausalLM
 
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
+    task = _encode_task(s)
+    model = Qwen2ForCausalLM(_qwen2_config(s, len(task.active), [task.to_compact[e] for e in task.eos]))
+    step, acc = _train(model, task, s, rng, t0, verbose)
+    _expand_and_save(out, model, task, s, {"steps_run": step, "exact_match": acc}, t0)
+
+
+@dataclass(frozen=True)
+class _ToyTask:
+    """The whole task space as token ids, and the compact ("active") vocabulary the fit trains over.
+
+    Why precomputed once: every training batch and the eval batch are slices of these lists, and the active set
+    must be known before the compact model is built.
+    """
+
+    tokenizer: Any
+    eos: list[int]
+    prompts: list[list[int]]
+    hinted: list[list[int]]
+    responses: list[list[int]]
+    active: list[int]
+    to_compact: dict[int, int]
+
+    @property
+    def inactive_logsumexp(self) -> float:
+        """log-sum-exp of the zero logits of every inactive id: the one extra logit of the compact softmax."""
+        return math.log(TOY_VOCAB_SIZE - len(self.active))
+
+
+def _encode_task(s: ToyFitSettings) -> _ToyTask:
+    from brts.shared.hints import hinted_prompt_ids
+
     spec = toy_prompt_spec()
     tok = spec.tokenizer
     eos = [int(tok.convert_tokens_to_ids("<|im_end|>")), int(tok.convert_tokens_to_ids("<|endoftext|>"))]
-
     space = _all_problems(s.max_operand)
     prompts = spec.encode_batch([p.problem for p in space])
     hinted = [hinted_prompt_ids(ids, p.answer, tok) for ids, p in zip(prompts, space)]
     responses = [ids + [eos[0]] for ids in tok([toy_response(p) for p in space], add_special_tokens=False)["input_ids"]]
     active = sorted({i for seqs in (prompts, hinted, responses) for ids in seqs for i in ids} | set(eos))
-    to_compact = {full: c for c, full in enumerate(active)}
-    n_active = len(active)
-    rest = math.log(TOY_VOCAB_SIZE - n_active)  # log-sum-exp of the zero logits of every inactive id
+    return _ToyTask(tokenizer=tok, eos=eos, prompts=prompts, hinted=hinted, responses=responses, active=active,
+                    to_compact={full: c for c, full in enumerate(active)})
 
-    model = Qwen2ForCausalLM(_qwen2_config(s, n_active, [to_compact[e] for e in eos]))
+
+def _batch(task: _ToyTask, indices: Sequence[int], hint_flags: Sequence[bool]) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask, response-target mask, targets) in compact ids, right-padded."""
+    seqs, starts = [], []
+    for j, h in zip(indices, hint_flags):
+        p = task.hinted[j] if h else task.prompts[j]
+        seqs.append([task.to_compact[i] for i in p + task.responses[j]])
+        starts.append(len(p))
+    longest = max(len(q) for q in seqs)
+    ids = torch.zeros((len(seqs), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target_mask = torch.zeros((len(seqs), longest), dtype=torch.bool)
+    for b, (q, st) in enumerate(zip(seqs, starts)):
+        ids[b, : len(q)] = torch.tensor(q)
+        mask[b, : len(q)] = 1
+        target_mask[b, st - 1 : len(q) - 1] = True  # position t predicts token t+1 of the response
+    targets = ids[:, 1:][target_mask[:, :-1]]
+    return ids, mask, target_mask, targets
+
+
+def _logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Compact logits at the response-predicting positions only (the rest are never scored)."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return model.lm_head(hidden[target_mask])
+
+
+def _exact_match(model: Any, eval_batch: tuple[torch.Tensor, ...]) -> float:
+    """Share of eval problems whose every response token is the full-vocabulary argmax (= greedy gets it)."""
+    model.eval()
+    with torch.no_grad():
+        ids, mask, tmask, targets = eval_batch
+        logits = _logits_at(model, ids, mask, tmask)
+        # an inactive id has logit 0: if every active logit is below 0, greedy would pick an inactive id
+        pred = torch.where(logits.max(-1).values > 0, logits.argmax(-1), torch.full_like(targets, -1))
+        row_of = tmask.nonzero()[:, 0]
+        wrong = torch.bincount(row_of, weights=(pred != targets).double(), minlength=ids.shape[0])
+    model.train()
+    return float((wrong == 0).double().mean())
+
+
+def _train(model: Any, task: _ToyTask, s: ToyFitSettings, rng: random.Random, t0: float,
+           verbose: bool) -> tuple[int, float]:
+    """Fit the compact model until the eval exact-match reaches the target; returns (steps run, last exact-match)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = min(100, s.steps // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-
-    def batch(indices: Sequence[int], hint_flags: Sequence[bool]) -> tuple[torch.Tensor, ...]:
-        seqs, starts = [], []
-        for j, h in zip(indices, hint_flags):
-            p = hinted[j] if h else prompts[j]
-            seqs.append([to_compact[i] for i in p + responses[j]])
-            starts.append(len(p))
-        longest = max(len(q) for q in seqs)
-        ids = torch.zeros((len(seqs), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target_mask = torch.zeros((len(seqs), longest), dtype=torch.bool)
-        for b, (q, st) in enumerate(zip(seqs, starts)):
-            ids[b, : len(q)] = torch.tensor(q)
-            mask[b, : len(q)] = 1
-            target_mask[b, st - 1 : len(q) - 1] = True  # position t predicts token t+1 of the response
-        targets = ids[:, 1:][target_mask[:, :-1]]
-        return ids, mask, target_mask, targets
-
-    def logits_at(ids: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return model.lm_head(hidden[target_mask])
-
+    n_problems, rest = len(task.prompts), task.inactive_logsumexp
     eval_rng = random.Random(s.seed + 10_000)
-    eval_idx = [eval_rng.randrange(len(space)) for _ in range(s.eval_size)]
-    eval_batch = batch(eval_idx, [False] * len(eval_idx))
-
-    def exact_match() -> float:
-        """Share of eval problems whose every response token is the full-vocabulary argmax (= greedy gets it)."""
-        model.eval()
-        with torch.no_grad():
-            ids, mask, tmask, targets = eval_batch
-            logits = logits_at(ids, mask, tmask)
-            # an inactive id has logit 0: if every active logit is below 0, greedy would pick an inactive id
-            pred = torch.where(logits.max(-1).values > 0, logits.argmax(-1), torch.full_like(targets, -1))
-            row_of = tmask.nonzero()[:, 0]
-            wrong = torch.bincount(row_of, weights=(pred != targets).double(), minlength=ids.shape[0])
-        model.train()
-        return float((wrong == 0).double().mean())
+    eval_idx = [eval_rng.randrange(n_problems) for _ in range(s.eval_size)]
+    eval_batch = _batch(task, eval_idx, [False] * len(eval_idx))
 
     acc, step = 0.0, 0
     for step in range(1, s.steps + 1):
         # Hinted prompts are ~8x longer: they come as whole (half-size) batches so that plain batches stay short.
         hint = rng.random() < s.hint_fraction
-        idx = [rng.randrange(len(space)) for _ in range(s.batch_size // 2 if hint else s.batch_size)]
-        ids, mask, tmask, targets = batch(idx, [hint] * len(idx))
-        logits = logits_at(ids, mask, tmask)
+        idx = [rng.randrange(n_problems) for _ in range(s.batch_size // 2 if hint else s.batch_size)]
+        ids, mask, tmask, targets = _batch(task, idx, [hint] * len(idx))
+        logits = _logits_at(model, ids, mask, tmask)
         full = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=-1)
         loss = torch.nn.functional.cross_entropy(full, targets)
         opt.zero_grad(set_to_none=True)
@@ -306,14 +341,22 @@ def _fit(out: Path, s: ToyFitSettings, verbose: bool) -> None:
         opt.step()
         sched.step()
         if step % s.eval_every == 0:
-            acc = exact_match()
+            acc = _exact_match(model, eval_batch)
             if verbose:
                 print(f"step {step} loss {loss.item():.4f} exact-match {acc:.3f} ({time.perf_counter() - t0:.1f}s)")
             if acc >= s.target_accuracy:
                 break
+    return step, acc
+
+
+def _expand_and_save(out: Path, model: Any, task: _ToyTask, s: ToyFitSettings, progress: dict[str, Any],
+                     t0: float) -> None:
+    """Write the compact model as an ordinary full-vocabulary checkpoint, then the cache marker (last)."""
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
     # Expand to the full vocabulary: inactive rows stay exactly zero, so the logits of the saved model are the
     # ones trained against (their log-sum-exp was the constant ``rest`` term).
+    eos = task.eos
     full_model = Qwen2ForCausalLM(_qwen2_config(s, TOY_VOCAB_SIZE, eos))
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
     missing, unexpected = full_model.load_state_dict(state, strict=False)
@@ -321,15 +364,15 @@ def _fit(out: Path, s: ToyFitSettings, verbose: bool) -> None:
     with torch.no_grad():
         emb = full_model.get_input_embeddings().weight
         emb.zero_()
-        emb[torch.tensor(active)] = model.get_input_embeddings().weight
+        emb[torch.tensor(task.active)] = model.get_input_embeddings().weight
     full_model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[-1])
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).unlink(missing_ok=True)
     full_model.eval().save_pretrained(out)
-    tok.save_pretrained(out)
+    task.tokenizer.save_pretrained(out)
     info = {
-        "key": s.key(), "settings": asdict(s), "steps_run": step, "exact_match": acc,
-        "fit_seconds": round(time.perf_counter() - t0, 2), "active_ids": len(active),
+        "key": s.key(), "settings": asdict(s), **progress,
+        "fit_seconds": round(time.perf_counter() - t0, 2), "active_ids": len(task.active),
     }
     tmp = out / (_MARKER + ".tmp")
     tmp.write_text(json.dumps(info, indent=1))
@@ -368,8 +411,8 @@ def evaluate_toy(
 ) -> ToyEval:
     """Accuracy of ``engine`` on toy problems (one engine call); ``hinted`` puts the Tier-2 hint into every
     prompt, as the pipeline's Tier 2 does."""
-    from brts.shared.engines.base import GenerationRequest
     from brts.shared.answers import extract_boxed, normalize_integer
+    from brts.shared.engines.base import GenerationRequest
     from brts.shared.hints import hinted_prompt_ids
 
     spec = toy_prompt_spec(tokenizer)

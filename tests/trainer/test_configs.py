@@ -1,5 +1,6 @@
 """Shipped training configs validate; a bad one ends with one line naming the field; preflight says in one line
-what this machine lacks before anything heavy loads (brts.trainer.preflight, issue #7 part 4)."""
+what this machine lacks before anything heavy loads (brts.trainer.config and brts.trainer.preflight, issue #7
+part 4)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from brts.shared.config import ConfigError, TrainConfig
-from brts.trainer.preflight import (
-    CONFIG_DIR,
-    LaunchSpec,
-    Machine,
-    PreflightError,
-    load_train_config,
-    main_check,
-    preflight,
-    shipped_configs,
-)
+from brts.trainer.config import CONFIG_DIR, LaunchSpec, load_train_config, shipped_configs
+from brts.trainer.preflight import Machine, PreflightError, main_check, preflight
 
 PAPER = sorted(p for p in shipped_configs() if p.name.startswith("paper_"))
 

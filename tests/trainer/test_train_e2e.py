@@ -18,8 +18,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_env import (HANG_S, ServerProcess, free_port, kill_group, make_student, metrics, one_line,  # noqa: E402
-                       start_train, train, wait_for_step, write_problems)
+from train_env import (  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+    HANG_S,
+    ServerProcess,
+    free_port,
+    kill_group,
+    make_student,
+    metrics,
+    one_line,
+    start_train,
+    train,
+    wait_for_step,
+    write_problems,
+)
 
 METRIC_KEYS = {
     "loss", "loss/student_context", "loss/teacher_context", "grad_norm", "tier/1", "tier/2", "tier/3", "tier/skip",
@@ -114,7 +125,9 @@ def test_startup_problems_end_with_one_line(env, uninterrupted, tmp_path):
     _, run_a = uninterrupted  # a resume may change max_steps, save_every, server, ... but not the algorithm
     saved = (run_a / "config.yaml").read_text()
     changed = train("--resume", str(run_a), "max_steps=4", "lr=0.5")
-    assert changed.returncode == 1 and "different config: lr: 0.0001 in the checkpoint, 0.5 now" in one_line(changed.stderr)
+    assert changed.returncode == 1 and (
+        "different config: lr: 0.0001 in the checkpoint, 0.5 now" in one_line(changed.stderr)
+    )
     assert (run_a / "config.yaml").read_text() == saved  # still the resumable config
     nothing = train("--resume", str(tmp_path / "no-such-run"))
     assert nothing.returncode == 1 and "no-such-run" in one_line(nothing.stderr)
@@ -162,7 +175,7 @@ def _bf16_teacher(folder: Path) -> Path:
 def test_a_teacher_that_disagrees_with_itself_is_refused(env, tmp_path):
     """The agreement check for real: a bf16 teacher passes at its dtype's default tolerance with the disagreement it
     measured, and `brts train` with a tolerance below that measurement refuses to start with one line."""
-    from brts.trainer.preflight import load_train_config
+    from brts.trainer.config import load_train_config
     from brts.trainer.teacher_link import StartupError, check_server
 
     server = ServerProcess(_bf16_teacher(tmp_path / "bf16-teacher"), tmp_path / "cache", ["--dtype", "bfloat16"])

@@ -23,7 +23,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from update_worker import VOCAB, batch  # same directory (torchrun puts the script's directory on sys.path)
 
 from brts.shared.config import TrainConfig
-from brts.trainer.checkpoint import SigtermCheckpointer, load_checkpoint, save_checkpoint
+from brts.trainer.checkpoint import load_checkpoint, save_checkpoint
+from brts.trainer.checkpoint_manager import SigtermCheckpointer
 from brts.trainer.fsdp import DistInfo, init_distributed, shard_student
 from brts.trainer.update import UpdateConfig, Updater, make_optimizer
 
