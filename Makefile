@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import brts, brts.proto.teacher_pb2_grpc, brts.shared" && touch $@
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

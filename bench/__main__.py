@@ -31,8 +31,8 @@ from typing import IO
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # _rows and _table, the same modules the scripts import
 
-from _rows import ENV, read_rows  # noqa: E402
-from _table import BenchRun, failed_row, machine_description, render_markdown, summary_json, write_summary  # noqa: E402
+from _rows import ENV, read_rows  # noqa: E402 - after the sys.path line that makes the bench scripts importable
+from _table import BenchRun, failed_row, machine_description, render_markdown, summary_json, write_summary  # noqa: E402 - after the sys.path line that makes the bench scripts importable
 
 CPU = ["bench_loss_memory", "bench_scoring_memory", "bench_generation", "bench_cache", "bench_server", "bench_update",
        "bench_train_step"]

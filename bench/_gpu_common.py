@@ -23,8 +23,8 @@ def ensure_importable() -> str:
     """Make ``brts`` importable: installed already, or through a folder of symlinks mirroring pyproject's
     package-dir mapping (exported in PYTHONPATH so the bench subprocesses see it too)."""
     try:
-        import brts.shared.engines.hf  # noqa: F401
-        import brts.trainer.losses  # noqa: F401
+        import brts.shared.engines.hf  # noqa: F401 - imported only to test that the installed brts imports
+        import brts.trainer.losses  # noqa: F401 - imported only to test that the installed brts imports
 
         return "installed"
     except ImportError:
@@ -41,10 +41,11 @@ def ensure_importable() -> str:
         if not link.exists():
             link.symlink_to(REPO / folder, target_is_directory=True)
     sys.path.insert(0, str(shim))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     for mod in [m for m in sys.modules if m == "brts" or m.startswith("brts.")]:
         del sys.modules[mod]
-    import brts.shared.engines.hf  # noqa: F401
+    import brts.shared.engines.hf  # noqa: F401 - imported only to test that brts imports through the shim
 
     return f"shim at {shim}"
 

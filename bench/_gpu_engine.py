@@ -36,7 +36,8 @@ def engine_setup(args: argparse.Namespace, dev: Any) -> tuple[Any, Any, Any, lis
     with torch.no_grad():
         g = torch.Generator().manual_seed(7)
         for e in eos:
-            model.lm_head.weight[e] = torch.randn(args.gen_hidden, generator=g) * args.eos_boost / math.sqrt(args.gen_hidden)
+            model.lm_head.weight[e] = (
+                torch.randn(args.gen_hidden, generator=g) * args.eos_boost / math.sqrt(args.gen_hidden))
     model_bf16 = copy.deepcopy(model).to(device=dev, dtype=torch.bfloat16).eval()
     g = torch.Generator().manual_seed(123)
     lengths = torch.randint(args.prompt_min, args.prompt_max + 1, (args.prompts,), generator=g).tolist()
@@ -61,7 +62,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     engine = HFEngine(model_bf16, tok)
     eos = engine.eos_token_ids
     out: dict[str, Any] = {
-        "model": f"Qwen2ForCausalLM random, vocab {args.vocab}, hidden {args.gen_hidden}, 4 layers, 4 heads, 2 kv heads, bf16, sdpa",
+        "model": f"Qwen2ForCausalLM random, vocab {args.vocab}, hidden {args.gen_hidden}, "
+                 "4 layers, 4 heads, 2 kv heads, bf16, sdpa",
         "eos_token_ids": list(eos),
         "engine_max_batch_size": engine.max_batch_size,
         "engine_max_batch_tokens": engine.max_batch_tokens,
@@ -74,7 +76,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     log(f"[1] hf engine: {n_prompts} prompts (lengths {min(lengths)}..{max(lengths)}) x {n_samples} samples x "
         f"{new} new tokens, T={args.temperature}, top_p={args.top_p}, eos={list(eos)}")
 
-    engine.generate(requests[:2], SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=8))  # warm-up
+    # warm-up
+    engine.generate(requests[:2], SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=8))
     base = reset_peak(dev)
     sync(dev)
     t0 = time.perf_counter()
@@ -84,7 +87,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     n_tok = sum(len(s.token_ids) for per in gens for s in per)
     out.update(seconds=secs, generated_tokens=n_tok, tokens_per_s=n_tok / secs, peak_alloc_bytes=peak_above(dev, base))
     log(f"    generate: {n_tok} tokens in {secs:.2f} s = {n_tok / secs:,.0f} tokens/s "
-        f"(engine default max_batch_size={engine.max_batch_size}); peak alloc above model {gib(out['peak_alloc_bytes'])}")
+        f"(engine default max_batch_size={engine.max_batch_size}); "
+        f"peak alloc above model {gib(out['peak_alloc_bytes'])}")
 
     # same call, one decode loop for all rows
     wide = HFEngine(model_bf16, tok, max_batch_size=n_prompts * n_samples, max_batch_tokens=1 << 30)
@@ -128,7 +132,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
                 bad.append(f"[{i}][{j}] token outside the vocabulary")
     out["eos_check"] = {
         "stop_samples": n_stop, "length_samples": n_len, "violations": len(bad), "first_violations": bad[:10],
-        "stop_length_min_mean_max": [min(stop_lengths), sum(stop_lengths) / len(stop_lengths), max(stop_lengths)] if stop_lengths else None,
+        "stop_length_min_mean_max": (
+            [min(stop_lengths), sum(stop_lengths) / len(stop_lengths), max(stop_lengths)] if stop_lengths else None),
     }  # fmt: skip
     log(f"    EOS convention: {n_stop} stop / {n_len} length samples, {len(bad)} violations"
         + (f": {bad[:3]}" if bad else " (every stop ends with exactly one EOS, none before; every length has "
@@ -142,7 +147,8 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
             if x.token_ids != y.token_ids:
                 first_div.append(next((p for p, (u, v) in enumerate(zip(x.token_ids, y.token_ids)) if u != v),
                                       min(len(x.token_ids), len(y.token_ids))))
-        return {"samples": len(pairs), "identical": same, "share_identical": same / len(pairs) if pairs else float("nan"),
+        return {"samples": len(pairs), "identical": same,
+                "share_identical": same / len(pairs) if pairs else float("nan"),
                 "first_divergence_min_mean": [min(first_div), sum(first_div) / len(first_div)] if first_div else None}
 
     # reproducibility: the whole batch again; a few requests alone; the one-loop batch
@@ -167,11 +173,13 @@ def check_engine(args: argparse.Namespace, dev: Any, res: dict) -> dict:
     b16k = engine.generate(sub16 + [requests[i] for i in range(n_prompts) if i not in idx][: args.alone], peaked)
     rep["top_k20_bf16_alone_vs_batch"] = same_share([engine.generate([r], peaked)[0] for r in sub16], b16k[: len(idx)])
     b32k = eng32.generate(sub, peaked)
-    rep["top_k20_fp32_alone_vs_batch"] = same_share([eng32.generate([r], peaked)[0] for r in sub[: len(idx)]], b32k[: len(idx)])
+    rep["top_k20_fp32_alone_vs_batch"] = same_share(
+        [eng32.generate([r], peaked)[0] for r in sub[: len(idx)]], b32k[: len(idx)])
     out["reproducibility"] = rep
     for key, v in rep.items():
         log(f"    reproducibility {key}: {v['identical']}/{v['samples']} identical ({100 * v['share_identical']:.0f}%)"
-            + (f", first divergence at token {v['first_divergence_min_mean'][0]} (mean {v['first_divergence_min_mean'][1]:.1f})"
+            + (f", first divergence at token {v['first_divergence_min_mean'][0]} "
+               f"(mean {v['first_divergence_min_mean'][1]:.1f})"
                if v["first_divergence_min_mean"] else ""))
     del engine, wide, eng32, model_fp32
     return {"model_cpu": model, "tokenizer": tok}
@@ -249,9 +257,11 @@ def diag_engine(args: argparse.Namespace, dev: Any, res: dict) -> None:
 
     out["run1_vs_run0"] = first_difference(runs[0]["rec"], runs[1]["rec"])
     out["run2_vs_run0"] = first_difference(runs[0]["rec"], runs[2]["rec"])
-    same = [sum(a.token_ids == b.token_ids for pa, pb in zip(runs[0]["gens"], r["gens"]) for a, b in zip(pa, pb)) for r in runs[1:]]
+    same = [sum(a.token_ids == b.token_ids for pa, pb in zip(runs[0]["gens"], r["gens"]) for a, b in zip(pa, pb))
+            for r in runs[1:]]
     out["samples_identical_run1_run2_vs_run0"] = same
-    log(f"    samples identical to run 0: {same} of {n_rows}; first difference run1: {out['run1_vs_run0']}; run2: {out['run2_vs_run0']}")
+    log(f"    samples identical to run 0: {same} of {n_rows}; "
+        f"first difference run1: {out['run1_vs_run0']}; run2: {out['run2_vs_run0']}")
 
     # the sampler and its pieces, repeated on fixed inputs (the prefill step of run 0 and a mid-run step)
     pieces: dict[str, Any] = {}
@@ -289,7 +299,8 @@ def diag_engine(args: argparse.Namespace, dev: Any, res: dict) -> None:
         pieces[label]["cumsum_f32_alone_vs_batched_rows_differ"] = sum(
             int(not torch.equal(sv[i : i + 1].cumsum(-1)[0], sv.cumsum(-1)[i])) for i in range(sv.shape[0]))
         pieces[label]["cumsum_f64_alone_vs_batched_rows_differ"] = sum(
-            int(not torch.equal(sv[i : i + 1].double().cumsum(-1)[0], sv.double().cumsum(-1)[i])) for i in range(sv.shape[0]))
+            int(not torch.equal(sv[i : i + 1].double().cumsum(-1)[0], sv.double().cumsum(-1)[i]))
+            for i in range(sv.shape[0]))
         log(f"    sampler pieces on fixed inputs ({label}): {pieces[label]}")
     out["sampler_pieces"] = pieces
 

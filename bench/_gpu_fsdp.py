@@ -40,7 +40,8 @@ def check_fsdp(args: argparse.Namespace, dev: Any, res: dict) -> None:
         out.update(backend=backend, batch=B, tokens=T, hidden=H, layers=4, vocab=V, K=K,
                    mp="param_dtype=bf16, reduce_dtype=fp32, fp32 master params")
         log(f"[4] FSDP2: {backend}, world 1, Qwen2 hidden {H}, 4 layers, vocab {V:,}; batch {B} x {T} "
-            f"(rows 0..{B // 2 - 1} student rollouts -> SC branch, rows {B // 2}..{B - 1} teacher trajectories -> TC branch)")
+            f"(rows 0..{B // 2 - 1} student rollouts -> SC branch, "
+            f"rows {B // 2}..{B - 1} teacher trajectories -> TC branch)")
         lm = tiny_qwen2(V, H, 4, 8, 2, max(T, 2048), seed=3).to(dev)  # fp32 master weights
         lm.config.use_cache = False
 
@@ -79,7 +80,8 @@ def check_fsdp(args: argparse.Namespace, dev: Any, res: dict) -> None:
             gd = torch.Generator(device=dev).manual_seed(22)
             teacher_full = torch.log_softmax(torch.randn(half * (T - 1), V, generator=gd, device=dev).mul_(3.0), -1)
             teacher_full = teacher_full.view(half, T - 1, V)
-            t_top = torch.log_softmax(torch.randn(half * (T - 1), V, generator=gd, device=dev).mul_(3.0), -1).topk(K, dim=-1)
+            t_top = torch.log_softmax(
+                torch.randn(half * (T - 1), V, generator=gd, device=dev).mul_(3.0), -1).topk(K, dim=-1)
             tc_ids = t_top.indices.view(half, T - 1, K)
             tc_teacher = t_top.values.view(half, T - 1, K)
             del t_top
@@ -113,8 +115,10 @@ def check_fsdp(args: argparse.Namespace, dev: Any, res: dict) -> None:
                    peak_alloc_total_bytes=int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None,
                    dtypes=dtypes, loss_decreased=all(b < a for a, b in zip(total, total[1:])),
                    loss_first_last=[total[0], total[-1]])
-        log(f"    dtypes {dtypes}; loss strictly decreasing: {out['loss_decreased']} ({total[0]:.5f} -> {total[-1]:.5f}); "
-            f"step time (after step 0) {out['step_seconds_after_first_min'] * 1000:.1f} ms; peak alloc above start {gib(peak)}")
+        log(f"    dtypes {dtypes}; loss strictly decreasing: {out['loss_decreased']} "
+            f"({total[0]:.5f} -> {total[-1]:.5f}); "
+            f"step time (after step 0) {out['step_seconds_after_first_min'] * 1000:.1f} ms; "
+            f"peak alloc above start {gib(peak)}")
         del model, lm, opt, teacher_full
     finally:
         dist.destroy_process_group()

@@ -33,10 +33,12 @@ def check_loss(args: argparse.Namespace, dev: Any, res: dict) -> None:
     h_sc0 = torch.randn(T, H, generator=g).to(dev, torch.bfloat16)
     h_tc0 = torch.randn(T, H, generator=g).to(dev, torch.bfloat16)
     w0 = (torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))).to(dev, torch.bfloat16)
-    teacher_sc = torch.log_softmax(torch.randn(T, 64, generator=g) * 2, -1).sort(-1, descending=True).values[:, :K].to(dev)
+    teacher_sc = (
+        torch.log_softmax(torch.randn(T, 64, generator=g) * 2, -1).sort(-1, descending=True).values[:, :K].to(dev))
     teacher_ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(8)]).repeat(T // 8 + 1, 1)[:T].to(dev)
     teacher_ids[::97, -1] = -1  # some padded teacher entries
-    teacher_tc = torch.log_softmax(torch.randn(T, 64, generator=g) * 2, -1).sort(-1, descending=True).values[:, :K].to(dev)
+    teacher_tc = (
+        torch.log_softmax(torch.randn(T, 64, generator=g) * 2, -1).sort(-1, descending=True).values[:, :K].to(dev))
     teacher_tc = teacher_tc.masked_fill(teacher_ids < 0, float("-inf"))
     mask = torch.rand(T, generator=g).to(dev) < 0.9
 
@@ -52,7 +54,8 @@ def check_loss(args: argparse.Namespace, dev: Any, res: dict) -> None:
                 up = mode == "chunked"
                 sc = chunked_topk_logprobs(h_sc, w, K, chunk_size=args.loss_chunk, upcast_matmul=up)
                 a, sc_ids = sc.topk_logprobs, sc.topk_ids
-                ell = chunked_topk_logprobs(h_tc, w, 0, teacher_ids, chunk_size=args.loss_chunk, upcast_matmul=up).gathered_logprobs
+                ell = chunked_topk_logprobs(
+                    h_tc, w, 0, teacher_ids, chunk_size=args.loss_chunk, upcast_matmul=up).gathered_logprobs
             else:  # naive: full fp32 logits and log_softmax, kept for backward
                 lp_sc = torch.log_softmax(h_sc.float() @ w.float().t(), dim=-1)
                 top = lp_sc.topk(K, dim=-1)
@@ -94,7 +97,8 @@ def check_loss(args: argparse.Namespace, dev: Any, res: dict) -> None:
         r["label"] = label
         results[key], grads[key] = r, gr
         free_cuda()
-        log(f"    {label:<34} fwd+bwd {r['seconds_min'] * 1000:8.1f} ms   peak above inputs {gib(r['peak_alloc_above_inputs_bytes']):>12}   "
+        log(f"    {label:<34} fwd+bwd {r['seconds_min'] * 1000:8.1f} ms   "
+            f"peak above inputs {gib(r['peak_alloc_above_inputs_bytes']):>12}   "
             f"loss {r['loss']:.6f} (SC {r['l_sc']:.6f}, TC {r['l_tc']:.6f})")
     out["runs"] = results
 
@@ -126,4 +130,5 @@ def check_loss(args: argparse.Namespace, dev: Any, res: dict) -> None:
         }
         log(f"    ratios chunked/naive (bf16 inputs): peak {out['ratios']['chunked_over_naive_peak']:.3f}, time "
             f"{out['ratios']['chunked_over_naive_time']:.2f}; upcast_matmul=False: peak "
-            f"{out['ratios']['chunked_bf16mm_over_naive_peak']:.3f}, time {out['ratios']['chunked_bf16mm_over_naive_time']:.2f}")
+            f"{out['ratios']['chunked_bf16mm_over_naive_peak']:.3f}, "
+            f"time {out['ratios']['chunked_bf16mm_over_naive_time']:.2f}")

@@ -37,7 +37,8 @@ def check_scorer(args: argparse.Namespace, dev: Any, res: dict, model_cpu: Any, 
         items.append(ScoreItem(tuple(ids.tolist()), rs, cand.numpy()))
     k = args.score_k
     out.update(lengths=list(args.score_lengths), k=k, candidates_per_row=8)
-    log(f"[2] scorer: items of {list(args.score_lengths)} tokens, response from L//4, top-{k} + 8 candidate ids (one -1)")
+    log(f"[2] scorer: items of {list(args.score_lengths)} tokens, response from L//4, "
+        f"top-{k} + 8 candidate ids (one -1)")
 
     def reference(model: Any, item: ScoreItem) -> tuple[Any, Any, Any]:
         with torch.inference_mode():
@@ -82,7 +83,8 @@ def check_scorer(args: argparse.Namespace, dev: Any, res: dict, model_cpu: Any, 
 
     out["fp32"], outs32, refs32 = compare("fp32 (TF32 off)", torch.float32)
     out["fp32"]["tolerance"] = 1e-4
-    out["fp32"]["within_tolerance"] = out["fp32"]["max_abs_diff_topk_logprobs"] <= 1e-4 and out["fp32"]["max_abs_diff_candidate_logprobs"] <= 1e-4
+    out["fp32"]["within_tolerance"] = (
+        out["fp32"]["max_abs_diff_topk_logprobs"] <= 1e-4 and out["fp32"]["max_abs_diff_candidate_logprobs"] <= 1e-4)
     out["bf16"], outs16, _ = compare("bf16", torch.bfloat16)
     d = max(float(np.abs(o.topk.logprobs - r).max()) for o, r in zip(outs16, refs32))
     out["bf16"]["max_abs_diff_topk_logprobs_vs_fp32_reference"] = d

@@ -139,8 +139,8 @@ def bench_read(args: argparse.Namespace) -> None:
     from brts.server.cache import CandidateCache
     from brts.server.cache.codec import _ENVELOPE, MAGIC_ENTRY, _open, checksum, decode_entry
     from brts.server.cache.keys import entry_key, pool_address, sampling_key
-    from brts.shared.engines.base import SamplingParams
     from brts.server.pipeline import PromptJob
+    from brts.shared.engines.base import SamplingParams
 
     k, tokens = 16, args.tokens
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=tokens)
@@ -251,12 +251,12 @@ class ReplayDraws:
 def bench_size(args: argparse.Namespace) -> None:
     from brts.server.cache import CandidateCache, LmdbStore
     from brts.server.cache.codec import decode_entry
-    from brts.shared.engines.base import SamplingParams
-    from brts.shared.engines.hf import HFEngine
     from brts.server.fingerprint import teacher_fingerprint
     from brts.server.pipeline import CandidatePipeline, PromptJob
-    from brts.toy import make_problems, toy_prompt_spec
+    from brts.shared.engines.base import SamplingParams
+    from brts.shared.engines.hf import HFEngine
     from brts.shared.tokenizer import load_tokenizer
+    from brts.toy import make_problems, toy_prompt_spec
 
     k = 16
     folder = toy_teacher_dir(args.toy_teacher)

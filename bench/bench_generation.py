@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     reqs = make_requests(args.prompts, args.samples, args.prompt_len[0], args.prompt_len[1], seed=0)
     warmup = [GenerationRequest(reqs[0].prompt_ids, (10**6,))]
     desc = str(model_dir) if args.model else f"tiny Qwen2 (hidden {args.hidden}, {args.layers} layers, vocab 151936)"
-    print(f"model {desc}, {args.dtype}; {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
+    print(f"model {desc}, {args.dtype}; {args.prompts} prompts x {args.samples} samples x "
+          f"{args.new_tokens} new tokens, "
           f"T={args.temperature} top_p={args.top_p}; torch threads {torch.get_num_threads()}", flush=True)
 
     from brts.shared.engines import make_engine

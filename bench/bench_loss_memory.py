@@ -57,7 +57,8 @@ def _worker(args: argparse.Namespace) -> None:
     weight = (torch.randn(v, h, generator=g) / h**0.5).to(dev).requires_grad_(True)
     teacher_sc = torch.log_softmax(torch.randn(b, t, 64, generator=g), -1)[..., :k].to(dev)
     teacher_ids = torch.randint(0, v, (b, t, k), generator=g).to(dev)
-    teacher_tc = torch.sort(torch.log_softmax(torch.randn(b, t, 64, generator=g), -1)[..., :k], descending=True).values.to(dev)
+    teacher_logp = torch.log_softmax(torch.randn(b, t, 64, generator=g), -1)[..., :k]
+    teacher_tc = torch.sort(teacher_logp, descending=True).values.to(dev)
     mask = torch.ones(b, t, dtype=torch.bool, device=dev)
 
     def step() -> float:
@@ -113,7 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096, help="tokens per sequence T")
     p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size V")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size H: sets W's size (V*H*4 bytes) and the matmul time, not the logits")
+    p.add_argument("--hidden", type=int, default=128,
+                   help="hidden size H: sets W's size (V*H*4 bytes) and the matmul time, not the logits")
     p.add_argument("--k", type=int, default=16, help="top-K")
     p.add_argument("--chunk", type=int, default=1024, help="positions per chunk")
     p.add_argument("--big-batch", type=int, default=4, help="also run chunked at this B x T (0: skip)")
@@ -140,7 +142,8 @@ def main() -> None:
         r = _run_case(args, mode, batch)
         results[(mode, batch)] = r
         label = f"{mode} {batch}x{args.tokens}"
-        print(f"{label:<22}{r['peak'] / GIB:>16.3f}{(r['peak'] - r['baseline']) / GIB:>20.3f}{r['time']:>12.2f}{r['loss']:>12.5f}")
+        print(f"{label:<22}{r['peak'] / GIB:>16.3f}{(r['peak'] - r['baseline']) / GIB:>20.3f}"
+              f"{r['time']:>12.2f}{r['loss']:>12.5f}")
     naive, chunked = results[("naive", 1)], results[("chunked", 1)]
     above = (chunked["peak"] - chunked["baseline"]) / (naive["peak"] - naive["baseline"])
     total = chunked["peak"] / naive["peak"]
@@ -150,7 +153,8 @@ def main() -> None:
         f"{unit} {total:.3f}, time {chunked['time'] / naive['time']:.2f}"
     )
     logits_gib = args.tokens * args.vocab * 4 / GIB
-    print(f"(one fp32 [T, V] logits tensor at 1x{args.tokens}: {logits_gib:.2f} GiB; one chunk: {args.chunk * args.vocab * 4 / GIB:.3f} GiB)")
+    print(f"(one fp32 [T, V] logits tensor at 1x{args.tokens}: {logits_gib:.2f} GiB; "
+          f"one chunk: {args.chunk * args.vocab * 4 / GIB:.3f} GiB)")
     n_above, c_above = (naive["peak"] - naive["baseline"]) / GIB, (chunked["peak"] - chunked["baseline"]) / GIB
     case = f"1x{args.tokens}, V={args.vocab:,}"
     emit(

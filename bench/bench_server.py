@@ -56,14 +56,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" / "Loading weights" bars
 
 # The parts live in sibling modules (bench/_server_*.py); the script keeps the options and the order they run in.
+# They are imported after the os.environ defaults, which are set before anything else (hence E402 is waived).
 try:  # run as a script (bench/ on sys.path) or as bench.<name>
-    from _server_common import start_tiny_server  # noqa: E402
-    from _server_hit import bench_hit  # noqa: E402
-    from _server_load import bench_miss, bench_score  # noqa: E402
+    from _server_common import start_tiny_server  # noqa: E402 - after the os.environ defaults above
+    from _server_hit import bench_hit  # noqa: E402 - after the os.environ defaults above
+    from _server_load import bench_miss, bench_score  # noqa: E402 - after the os.environ defaults above
 except ImportError:  # pragma: no cover
-    from bench._server_common import start_tiny_server  # noqa: E402
-    from bench._server_hit import bench_hit  # noqa: E402
-    from bench._server_load import bench_miss, bench_score  # noqa: E402
+    from bench._server_common import start_tiny_server  # noqa: E402 - after the os.environ defaults above
+    from bench._server_hit import bench_hit  # noqa: E402 - after the os.environ defaults above
+    from bench._server_load import bench_miss, bench_score  # noqa: E402 - after the os.environ defaults above
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -40,7 +40,8 @@ def worker(args: argparse.Namespace) -> None:
     info = init_distributed("cpu")
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True))
     wrapper = shard_student(model, info, bf16=False, chunk_size=256)
     updater = Updater(wrapper, make_optimizer(wrapper, 1e-6, (0.9, 0.999), 0.01),

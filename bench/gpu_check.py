@@ -58,7 +58,8 @@ except ImportError:  # pragma: no cover
 
 def run_benches(args: argparse.Namespace, res: dict) -> None:
     out = res.setdefault("benches", {})
-    for script, extra in (("bench_loss_memory.py", args.bench_loss_args), ("bench_scoring_memory.py", args.bench_score_args)):
+    for script, extra in (("bench_loss_memory.py", args.bench_loss_args),
+                          ("bench_scoring_memory.py", args.bench_score_args)):
         cmd = [sys.executable, str(REPO / "bench" / script), "--device", args.device] + extra.split()
         log(f"[bench] {' '.join(cmd[1:])}")
         t0 = time.perf_counter()
@@ -76,7 +77,8 @@ def run_benches(args: argparse.Namespace, res: dict) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="path of the JSON of figures")
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (small sizes, to check the logic)")
     p.add_argument("--sections", default="engine,scorer,loss,fsdp,benches",
@@ -114,7 +116,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="CPU-sized problem (implied by --device cpu)")
     args = p.parse_args()
     if args.device == "cpu" or args.small:
-        args.prompts, args.samples, args.new_tokens, args.prompt_max, args.alone, args.diag_gen_repeats = 4, 2, 24, 48, 2, 1
+        (args.prompts, args.samples, args.new_tokens, args.prompt_max, args.alone,
+         args.diag_gen_repeats) = 4, 2, 24, 48, 2, 1
         args.gen_hidden, args.score_lengths = 64, [96, 40, 17]
         args.loss_tokens, args.loss_hidden, args.loss_chunk, args.loss_repeats = 256, 64, 100, 1
         args.fsdp_batch, args.fsdp_tokens, args.fsdp_hidden, args.fsdp_chunk, args.fsdp_steps = 4, 64, 64, 50, 3
@@ -140,7 +143,8 @@ def main() -> None:
     res: dict[str, Any] = {
         "env": {
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "brts_import": how, "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "argv": sys.argv[1:],
         },

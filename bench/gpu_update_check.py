@@ -31,8 +31,9 @@ def main() -> None:
 
     info = init_distributed("cuda")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                                         intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                                         num_attention_heads=8, num_key_value_heads=2,
                                          max_position_embeddings=4096, tie_word_embeddings=True))
     wrapper = shard_student(model, info, bf16=True, chunk_size=1024)
     opt = make_optimizer(wrapper, args.lr, (0.9, 0.999), 0.01)

@@ -33,13 +33,15 @@ def find_environment_breakage(versions: dict[str, str | None]) -> str | None:
     torch_version = versions.get("torch")
     if not torch_version or "+cpu" not in torch_version:
         return None
-    broken = [f"{name} {versions[name]}" for name in _TORCH_ADDONS if versions.get(name) and "+cpu" not in versions[name]]
+    broken = [
+        f"{name} {versions[name]}" for name in _TORCH_ADDONS if versions.get(name) and "+cpu" not in versions[name]
+    ]
     if not broken:
         return None
     names = " ".join(name for name in _TORCH_ADDONS if versions.get(name))
     return (
-        f"brts: {', '.join(broken)} is a CUDA build installed next to torch {torch_version}; it breaks transformers and "
-        f"vllm imports. Fix: pip uninstall -y {names}  (or run `make install`)"
+        f"brts: {', '.join(broken)} is a CUDA build installed next to torch {torch_version}; it breaks transformers "
+        f"and vllm imports. Fix: pip uninstall -y {names}  (or run `make install`)"
     )
 
 

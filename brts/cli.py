@@ -6,7 +6,9 @@ Exit codes: 0 done, 1 failed (one line saying what to fix), 2 bad usage (click's
 from __future__ import annotations
 
 import sys
+
 import click
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="brts", prog_name="brts")

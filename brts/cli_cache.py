@@ -52,7 +52,8 @@ def stats(directory: str, as_json: bool) -> None:
         lines.append(f"  teacher {teacher}: {row.get('entries', 0)} entries (tier1 {row.get('entries_tier1', 0)}, "
                      f"perturbed {row.get('entries_perturbed', 0)}, tier2 {row.get('entries_tier2', 0)} of which "
                      f"{row.get('tier2_with_topk', 0)} correct, {row.get('tier2_leaked', 0)} leaked), "
-                     f"{row.get('tokens', 0)} tokens, {row['bytes_per_token']} B/token in values, K {row.get('max_k', 0)}")
+                     f"{row.get('tokens', 0)} tokens, {row['bytes_per_token']} B/token in values, "
+                     f"K {row.get('max_k', 0)}")
     if s["damaged"]:
         lines.append(f"  {s['damaged']} damaged entries: run `brts cache verify {directory}`")
     _emit(s, as_json, lines)
@@ -81,7 +82,8 @@ def verify(directory: str, as_json: bool, live_n: int | None, server: str | None
         r = admin.verify(directory)
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
-    lines = [f"{r['path']}: {r['checked']} records checked, " + ("no damage" if r["ok"] else f"{len(r['problems'])} problems")]
+    lines = [f"{r['path']}: {r['checked']} records checked, "
+             + ("no damage" if r["ok"] else f"{len(r['problems'])} problems")]
     lines += [f"  {p}" for p in r["problems"][:50]]
     if live_n is not None and server is not None:
         token = open(token_file).read().strip() if token_file else None
@@ -149,7 +151,8 @@ def inspect(directory: str, prompt_id: str | None, text: str | None, tokenizer_d
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
     if not pools:
-        _fail(ValueError(f"no pool found for {'--prompt-id ' + repr(prompt_id) if prompt_id else '--text ' + repr(text)}"))
+        _fail(ValueError(
+            f"no pool found for {'--prompt-id ' + repr(prompt_id) if prompt_id else '--text ' + repr(text)}"))
     lines = []
     for p in pools:
         lines.append(f"pool {p['pool']} ({p['kind']}, teacher {p['teacher']}, sampling {p['sampling']}"
@@ -158,7 +161,8 @@ def inspect(directory: str, prompt_id: str | None, text: str | None, tokenizer_d
             lines.append(f"  prompt: {p['prompt']!r}")
         for e in p["entries"]:
             flags = ", leaked" if e["leaked"] else ""
-            lines.append(f"  [{e['index']}] {e['tokens']} tokens, answer {e['answer']!r}, {e['finish_reason']}{flags}, K {e['k']}"
+            lines.append(f"  [{e['index']}] {e['tokens']} tokens, answer {e['answer']!r}, "
+                         f"{e['finish_reason']}{flags}, K {e['k']}"
                          + (f": {e['text']!r}" if "text" in e else ""))
     _emit(pools, as_json, lines)
 

@@ -19,15 +19,18 @@ def _die(message: str) -> None:
 @click.option("--engine", type=click.Choice(["hf", "vllm", "sglang"]), default=None, help="Generation engine [hf].")
 @click.option("--model", type=click.Path(), help="Teacher model directory (HF format).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="LMDB cache directory [brts-cache].")
-@click.option("--host", default=None, help="Bind address [127.0.0.1]; any other needs --tls-cert, --tls-key, --token-file.")
+@click.option("--host", default=None,
+              help="Bind address [127.0.0.1]; any other needs --tls-cert, --tls-key, --token-file.")
 @click.option("--port", type=int, default=None, help="Port [50051]; 0 picks a free one.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate for TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for TLS.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
-@click.option("--max-logprob-k", type=int, default=None, help="Largest teacher top-K served per position [16, at most 64].")
+@click.option("--max-logprob-k", type=int, default=None,
+              help="Largest teacher top-K served per position [16, at most 64].")
 @click.option("--device", default=None, help="Device for the hf engine and the scorer: auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", default=None, help="Model dtype: auto, float32, bfloat16, float16.")
-@click.option("--mem-fraction", type=float, default=None, help="GPU memory share of vllm/sglang, the rest is the scorer's.")
+@click.option("--mem-fraction", type=float, default=None,
+              help="GPU memory share of vllm/sglang, the rest is the scorer's.")
 @click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
 @click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
 @click.option("--sglang-url", default=None, help="Use a running sglang.launch_server over HTTP instead of in-process.")

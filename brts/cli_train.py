@@ -1,4 +1,5 @@
-"""`brts train`: checks (one line on any problem), then the ranks under torchrun (``trainer/launch.py``); `brts train export`."""
+"""`brts train`: checks (one line on any problem), then the ranks under torchrun (``trainer/launch.py``);
+`brts train export`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import click
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--config", "config_file", default=None, help="YAML training config: a path or a shipped name (tiny_cpu, paper_brts_n4, ...).")
+@click.option("--config", "config_file", default=None,
+              help="YAML training config: a path or a shipped name (tiny_cpu, paper_brts_n4, ...).")
 @click.option("--nproc", type=int, default=None, help="Ranks to launch on this node [the config's launch.nproc].")
 @click.option("--resume", type=click.Path(), help="Run dir, checkpoint dir or RUN/checkpoints/latest to continue from.")
-@click.option("--base-model", type=click.Path(file_okay=False), help="With `export`: the student's original folder (config, tokenizer).")
+@click.option("--base-model", type=click.Path(file_okay=False),
+              help="With `export`: the student's original folder (config, tokenizer).")
 @click.argument("args", nargs=-1)
 def train(config_file: str | None, nproc: int | None, resume: str | None, base_model: str | None,
           args: tuple[str, ...]) -> None:

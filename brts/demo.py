@@ -275,7 +275,8 @@ def _train_pair(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], see
                 f.write(f"$ {' '.join(cmd)}\n")
                 f.flush()
                 procs.append((method, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                                       env=dict(os.environ, **_CHILD_ENV), start_new_session=True), log))
+                                                       env=dict(os.environ, **_CHILD_ENV),
+                                                       start_new_session=True), log))
         while any(p.poll() is None for _, p, _ in procs):
             done = sum(_progress(run_dir) for run_dir in all_runs)
             if done > bar.n:

@@ -47,7 +47,9 @@ class DemoSummary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
-            "accuracy": {r.label: {"mean": r.mean, "spread": r.spread, "per_seed": list(r.per_seed)} for r in self.rows},
+            "accuracy": {
+                r.label: {"mean": r.mean, "spread": r.spread, "per_seed": list(r.per_seed)} for r in self.rows
+            },
             "tiers": self.tiers, "tier2": self.tier2, "train_cache_hit_rate": self.train_hit_rate,
             "prewarm": self.prewarm, "timings_s": self.timings,
         }
@@ -126,8 +128,8 @@ def format_summary(s: DemoSummary) -> str:
                  f"rescued {s.tier2['rescued']}, leaking hints dropped {s.tier2['leaked']}")
     p = s.prewarm
     if p:
-        lines.append(f"Teacher cache: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already cached, "
-                     f"generated {p.get('tokens_generated', 0)} tokens in {p.get('seconds', 0.0):.1f} s; "
+        lines.append(f"Teacher cache: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already "
+                     f"cached, generated {p.get('tokens_generated', 0)} tokens in {p.get('seconds', 0.0):.1f} s; "
                      f"training GetCandidates hit rate {_pct(s.train_hit_rate)}")
     else:
         lines.append(f"Teacher cache: training GetCandidates hit rate {_pct(s.train_hit_rate)}")

@@ -10,11 +10,11 @@ the Tier-2 hint (``brts.shared.hints``), so the model learns to use a validation
 imperfectly, as a real teacher does.
 
 How the fit stays fast with a 151,936-row vocabulary: only the ~130 token ids the task uses (prompts, hints,
-responses: the "active" set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is exactly 0 at every
-position. Training therefore runs a compact model over the active ids plus one extra logit, ``log(V - |active|)``,
-which is the exact log-sum-exp of the V - |active| zero logits: the loss is the true full-vocabulary
-cross-entropy at the cost of a ~130-way softmax. The fitted weights are then written out as a normal
-full-vocabulary checkpoint (``save_pretrained``), and every engine and the scorer see an ordinary model.
+responses: the "active" set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is
+exactly 0 at every position. Training therefore runs a compact model over the active ids plus one extra logit,
+``log(V - |active|)``, which is the exact log-sum-exp of the V - |active| zero logits: the loss is the true
+full-vocabulary cross-entropy at the cost of a ~130-way softmax. The fitted weights are then written out as a
+normal full-vocabulary checkpoint (``save_pretrained``), and every engine and the scorer see an ordinary model.
 
 Fits are cached: ``out_dir/toy_fit.json`` holds a hash of the settings, and a second call with the same
 settings returns at once. The teacher's defaults (hidden 64, 2 layers, sums/differences of 0..20, stop at 80%
@@ -132,8 +132,8 @@ def make_problems(n: int, seed: int = 0, max_operand: int = 20) -> list[Problem]
     out = []
     for i in range(n):
         a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
-        out.append(Problem(id=f"toy-{seed}-{i}", problem=f"What is {a}{op}{b}?", answer=str(a + b if op == "+" else a - b),
-                           source=TOY_SOURCE))
+        out.append(Problem(id=f"toy-{seed}-{i}", problem=f"What is {a}{op}{b}?",
+                           answer=str(a + b if op == "+" else a - b), source=TOY_SOURCE))
     return out
 
 
@@ -208,7 +208,8 @@ def fit_toy_teacher(
     returns at once.
     """
     s = settings or QUALITIES["teacher"]
-    overrides = {k: v for k, v in (("steps", steps), ("target_accuracy", target_accuracy), ("seed", seed)) if v is not None}
+    overrides = {k: v for k, v in (("steps", steps), ("target_accuracy", target_accuracy), ("seed", seed))
+                 if v is not None}
     s = replace(s, **overrides)
     out = Path(out_dir)
     marker = _read_marker(out)
@@ -358,7 +359,8 @@ def _expand_and_save(out: Path, model: Any, task: _ToyTask, s: ToyFitSettings, p
     # ones trained against (their log-sum-exp was the constant ``rest`` term).
     eos = task.eos
     full_model = Qwen2ForCausalLM(_qwen2_config(s, TOY_VOCAB_SIZE, eos))
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
     missing, unexpected = full_model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     with torch.no_grad():

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from brts.proto import teacher_pb2
@@ -69,7 +69,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                deny, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)

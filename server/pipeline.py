@@ -25,14 +25,14 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Literal, Sequence
 
+from brts.shared.answers import extract_boxed
 from brts.shared.engines.base import (
     GenerationEngine,
     GenerationRequest,
     SamplingParams,
-    Scorer,
     ScoreItem,
+    Scorer,
 )
-from brts.shared.answers import extract_boxed
 from brts.shared.hints import hinted_prompt_ids, leaks
 from brts.shared.topk import TopK
 from brts.shared.verify import BoundedVerifier
@@ -74,9 +74,13 @@ class PromptJob:
         if self.pool_offset < 0:
             raise ValueError(f"prompt {self.prompt_id!r}: pool_offset must be >= 0, got {self.pool_offset}")
         if self.n_tier2 and not self.ground_truth.strip():
-            raise ValueError(f"prompt {self.prompt_id!r}: ground_truth is required when n_tier2 > 0 (the hint holds it)")
+            raise ValueError(
+                f"prompt {self.prompt_id!r}: ground_truth is required when n_tier2 > 0 (the hint holds it)"
+            )
         if self.perturbation is not None and not 0 <= self.perturb_slot < self.n_tier1:
-            raise ValueError(f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}")
+            raise ValueError(
+                f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}"
+            )
 
 
 # -- the tier rules (pure) ---------------------------------------------------------------------------------------

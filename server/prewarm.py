@@ -44,8 +44,8 @@ class PrewarmSummary:
         rescue = self.tier2_rescued / max(self.tier2_tried, 1)
         return [
             f"prompts {self.prompts} ({self.cache_hits} already cached, {self.skipped_too_long} skipped: too long)",
-            f"Tier-1 solve rate {solve:.1%}; Tier-2 rescue rate {rescue:.1%} ({self.tier2_rescued}/{self.tier2_tried}), "
-            f"leaking hints dropped {self.tier2_leaked}",
+            f"Tier-1 solve rate {solve:.1%}; Tier-2 rescue rate {rescue:.1%} "
+            f"({self.tier2_rescued}/{self.tier2_tried}), leaking hints dropped {self.tier2_leaked}",
             f"candidates {self.candidates}, tokens generated {self.tokens_generated} in {self.seconds:.1f} s",
         ]
 

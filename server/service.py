@@ -21,12 +21,12 @@ import grpc
 
 from brts.proto import teacher_pb2, teacher_pb2_grpc
 from brts.server.cache import ServedPrompt
-from brts.shared.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.server.metrics import ServerMetrics
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime
 from brts.server.validation import Limits, RequestError, candidates_call, check_generation_fits, score_items
 from brts.server.wire import encode_prompt
+from brts.shared.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.shared.topk import to_proto
 
 log = logging.getLogger("brts.serve")
@@ -218,7 +218,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         rt = self.runtime
         try:
             call = candidates_call(request, rt.default_sampling, rt.config.sampling.seed, self.limits, rt.fingerprint)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure of a call becomes its gRPC status, never a crashed server
             self._abort(context, exc, "GetCandidates")
             return
         pending = []
@@ -229,7 +229,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
                     yield reply_for(served, call.packed_tokens)
                 else:
                     pending.append(job)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure of a call becomes its gRPC status, never a crashed server
             self._abort(context, exc, "GetCandidates")
             return
         if not pending:
@@ -238,25 +238,25 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
             check_generation_fits(pending, call.sampling, self.limits, rt.pipeline)
             sub = self.candidates.submit((call.sampling, call.seed, call.k), pending)
             results = self._wait(sub, context)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure of a call becomes its gRPC status, never a crashed server
             self._abort(context, exc, "GetCandidates")
             return
         for served in results:
             self.metrics.served(served)
             yield reply_for(served, call.packed_tokens)
 
-    def Score(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def Score(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method names are the proto's
         try:
             items, k = score_items(request, self.limits)
             outputs = self._wait(self.scores.submit(k, items), context)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure of a call becomes its gRPC status, never a crashed server
             self._abort(context, exc, "Score")
             raise  # unreachable: abort raises
         reply = teacher_pb2.ScoreReply()
         reply.results.extend(score_message(o) for o in outputs)
         return reply
 
-    def Info(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def Info(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC method names are the proto's
         rt = self.runtime
         return teacher_pb2.InfoReply(
             teacher_fingerprint=rt.fingerprint, tokenizer_fingerprint=rt.tokenizer_fingerprint,

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.server.pipeline import TIER1, TIER2, PromptJob
+from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.shared.topk import from_proto
 
 # The cache indexes pools by prompt id in an LMDB key (id + NUL + 16-byte pool key), and LMDB keys end at 511 bytes.
@@ -69,7 +69,9 @@ def _k(value: int, limits: Limits, field: str = "logprob_k") -> int:
     return int(value)
 
 
-def sampling_from(message: Any, default: SamplingParams, default_seed: int, limits: Limits) -> tuple[SamplingParams, int]:
+def sampling_from(
+    message: Any, default: SamplingParams, default_seed: int, limits: Limits
+) -> tuple[SamplingParams, int]:
     """Unset fields take the server's defaults (proto3 ``optional``)."""
     t = message.temperature if message.HasField("temperature") else default.temperature
     p = message.top_p if message.HasField("top_p") else default.top_p

@@ -228,5 +228,6 @@ class TeacherClient:
                 to_proto(np.asarray(candidate_ids[n]), "int32", item.candidate_ids)
         reply = self._unary(self._stub.Score, request)
         return [ScoreResult(from_proto(r.topk_ids, "topk_ids"), from_proto(r.topk_logprobs, "topk_logprobs"),
-                            from_proto(r.candidate_logprobs, "candidate_logprobs") if r.candidate_logprobs.dtype else None)
+                            from_proto(r.candidate_logprobs, "candidate_logprobs")
+                            if r.candidate_logprobs.dtype else None)
                 for r in reply.results]

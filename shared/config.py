@@ -362,7 +362,9 @@ class TrainConfig(_Validated):
         self.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")
         self.require(self.log_every >= 1, "log_every", "must be >= 1")
         if self.perturbation is not None:
-            self.require(0 <= self.perturb_slot < self.n_candidates, "perturb_slot", f"must be in 0..{self.n_candidates - 1}")
+            self.require(
+                0 <= self.perturb_slot < self.n_candidates, "perturb_slot", f"must be in 0..{self.n_candidates - 1}"
+            )
 
 
 @dataclass
@@ -390,7 +392,8 @@ class EvalConfig(_Validated):
         for name in self.benchmarks:
             if name not in BENCHMARKS:
                 self.fail("benchmarks", f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
-        self.require(bool(self.benchmarks) or self.dataset is not None, "benchmarks", "must name at least one benchmark or give dataset")
+        self.require(bool(self.benchmarks) or self.dataset is not None, "benchmarks",
+                     "must name at least one benchmark or give dataset")
         self.require(self.n >= 1, "n", "must be >= 1")
         self.require(self.temperature >= 0, "temperature", "must be >= 0")
         self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

@@ -195,7 +195,9 @@ def _check_unique_ids(problems: Sequence[Problem], path: Path, field: str) -> No
     seen: dict[str, int] = {}
     for index, p in enumerate(problems):
         if p.id in seen:
-            raise DataFormatError(f"{path}: id {p.id!r} (field {field!r}) repeats in rows {seen[p.id]} and {index}; ids must be unique")
+            raise DataFormatError(
+                f"{path}: id {p.id!r} (field {field!r}) repeats in rows {seen[p.id]} and {index}; ids must be unique"
+            )
         seen[p.id] = index
 
 
@@ -209,10 +211,14 @@ def _unwrap_dapo(text: str) -> str | None:
 def _user_content(chat: Any, where: str) -> str:
     """The text of the single user message of a verl-style ``prompt`` chat list."""
     if not isinstance(chat, list):
-        raise DataFormatError(f"{where}: 'prompt' must be a string or a list of chat messages, got {type(chat).__name__}")
+        raise DataFormatError(
+            f"{where}: 'prompt' must be a string or a list of chat messages, got {type(chat).__name__}"
+        )
     users = [m for m in chat if isinstance(m, dict) and m.get("role") == "user"]
     if len(users) != 1 or not isinstance(users[0].get("content"), str):
-        raise DataFormatError(f"{where}: 'prompt' chat list must hold exactly one user message with string content, found {len(users)}")
+        raise DataFormatError(
+            f"{where}: 'prompt' chat list must hold exactly one user message with string content, found {len(users)}"
+        )
     return users[0]["content"]
 
 
@@ -391,7 +397,8 @@ def load_problems(
         if not text.strip():
             raise DataFormatError(f"{where}: field {pfield!r} is empty")
         pid = str(index) if ifield is None else _id_to_str(_get(row, ifield), f"{where}: field {ifield!r}")
-        problems.append(Problem(id=pid, problem=text, answer=_answer_to_str(_get(row, afield), f"{where}: field {afield!r}"), source=src))
+        problems.append(Problem(id=pid, problem=text,
+                                answer=_answer_to_str(_get(row, afield), f"{where}: field {afield!r}"), source=src))
     _check_unique_ids(problems, file, ifield or "(row index)")
     return problems
 

@@ -82,7 +82,9 @@ class PromptSpec:
         from transformers import PreTrainedTokenizerBase
 
         if not isinstance(self.tokenizer, PreTrainedTokenizerBase):
-            raise ValueError(f"tokenizer: expected a loaded transformers tokenizer, got {type(self.tokenizer).__name__}")
+            raise ValueError(
+                f"tokenizer: expected a loaded transformers tokenizer, got {type(self.tokenizer).__name__}"
+            )
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
             raise ValueError("chat_template: must be None (the tokenizer's own) or a non-empty Jinja template string")
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -95,13 +97,18 @@ class PromptSpec:
         if isinstance(self.max_prompt_len, bool) or not isinstance(self.max_prompt_len, int) or self.max_prompt_len < 1:
             raise ValueError(f"max_prompt_len: must be an integer >= 1, got {self.max_prompt_len!r}")
         if not isinstance(self.template_kwargs, Mapping):
-            raise ValueError(f"template_kwargs: must be a mapping of str to str, got {type(self.template_kwargs).__name__}")
+            raise ValueError(
+                f"template_kwargs: must be a mapping of str to str, got {type(self.template_kwargs).__name__}"
+            )
         reserved = {"messages", "add_generation_prompt", "tools", "documents"}
         for key, value in self.template_kwargs.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ValueError(f"template_kwargs: keys and values must be strings, got {key!r}: {value!r}")
             if key in reserved:
-                raise ValueError(f"template_kwargs: {key!r} is set by PromptSpec itself; allowed are template variables such as bos_token")
+                raise ValueError(
+                    f"template_kwargs: {key!r} is set by PromptSpec itself; "
+                    "allowed are template variables such as bos_token"
+                )
         # A private copy, so that mutating the caller's dict cannot change ids behind the fingerprint's back.
         object.__setattr__(self, "template_kwargs", dict(self.template_kwargs))
         object.__setattr__(self, "_fingerprint", None)

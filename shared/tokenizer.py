@@ -178,7 +178,9 @@ def _token_string(value: Any, field: str, source: Path) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{source}: field {field!r} must be a string, null or an object with a 'content' string, got {value!r}")
+    raise ValueError(
+        f"{source}: field {field!r} must be a string, null or an object with a 'content' string, got {value!r}"
+    )
 
 
 def _chat_config_file(path_or_name: str | os.PathLike[str]) -> Path:

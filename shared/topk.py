@@ -175,7 +175,9 @@ def topk_from_rows(rows: Sequence[Sequence[tuple[int, float]]], k: int) -> TopK:
     ids = np.full((len(rows), k), PAD_ID, dtype=np.int32)
     lps = np.full((len(rows), k), PAD_LOGPROB, dtype=np.float32)
     for t, row in enumerate(rows):
-        best = sorted(((float(lp), int(i)) for i, lp in row if lp is not None and np.isfinite(lp)), key=lambda p: (-p[0], p[1]))[:k]
+        best = sorted(
+            ((float(lp), int(i)) for i, lp in row if lp is not None and np.isfinite(lp)), key=lambda p: (-p[0], p[1])
+        )[:k]
         for j, (lp, i) in enumerate(best):
             ids[t, j], lps[t, j] = i, lp
     return TopK(ids, lps)

@@ -270,7 +270,9 @@ def is_correct_batch(
 ) -> list[bool]:
     """``is_correct`` over many pairs, one thread per worker so every core verifies at once."""
     if len(responses) != len(ground_truths):
-        raise ValueError(f"ground_truths: expected {len(responses)} entries (one per response), got {len(ground_truths)}")
+        raise ValueError(
+            f"ground_truths: expected {len(responses)} entries (one per response), got {len(ground_truths)}"
+        )
     verifier = verifier or default_verifier()
     if len(responses) <= 1:
         return [is_correct(r, g, verifier) for r, g in zip(responses, ground_truths)]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402 - after the environment is set, before any test imports transformers
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,9 @@ def test_group_help_lists_every_subcommand():
         assert f"  {name}" in result.output
 
 
-@pytest.mark.parametrize("argv", [[name, "--help"] for name in SUBCOMMANDS] + [["cache", c, "--help"] for c in CACHE_SUBCOMMANDS])
+@pytest.mark.parametrize(
+    "argv", [[name, "--help"] for name in SUBCOMMANDS] + [["cache", c, "--help"] for c in CACHE_SUBCOMMANDS]
+)
 def test_every_help_works(argv):
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output

@@ -58,7 +58,9 @@ def test_summary_rows_and_table_text():
                   prewarm={"prompts": 64, "cache_hits": 64, "tokens_generated": 0, "seconds": 1.5},
                   timings={"total": 300.0})
     before, opd, brts = s.rows
-    assert before.per_seed == (0.25, 0.26, 0.24) and opd.mean == pytest.approx(0.25) and brts.mean == pytest.approx(0.35)
+    assert (
+        before.per_seed == (0.25, 0.26, 0.24) and opd.mean == pytest.approx(0.25) and brts.mean == pytest.approx(0.35)
+    )
     assert s.train_hit_rate == pytest.approx(5 / 6)
     text = format_summary(s)
     assert "0.350 ± 0.010" in text and "0.250 ± 0.010" in text

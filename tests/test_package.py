@@ -8,7 +8,9 @@ from brts import find_environment_breakage
 
 
 def test_namespace_maps_the_top_level_folders():
-    for name, folder in [("brts.server", "server"), ("brts.trainer", "trainer"), ("brts.shared", "shared"), ("brts.proto", "proto")]:
+    for name, folder in [
+        ("brts.server", "server"), ("brts.trainer", "trainer"), ("brts.shared", "shared"), ("brts.proto", "proto")
+    ]:
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin.replace("\\", "/").endswith(f"/{folder}/__init__.py")
     # nothing generic is importable at the top level
@@ -18,15 +20,23 @@ def test_namespace_maps_the_top_level_folders():
 
 
 def test_cuda_addons_next_to_cpu_torch_are_reported_with_the_fix():
-    msg = find_environment_breakage({"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": None, "torchcodec": "0.17.0"})
+    msg = find_environment_breakage(
+        {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": None, "torchcodec": "0.17.0"}
+    )
     assert msg is not None and "\n" not in msg
     assert "torchvision 0.28.0" in msg and "pip uninstall -y torchvision torchcodec" in msg
 
 
 def test_matching_or_gpu_builds_are_fine():
-    assert find_environment_breakage({"torch": "2.13.0+cpu", "torchvision": "0.28.0+cpu", "torchaudio": None, "torchcodec": None}) is None
-    assert find_environment_breakage({"torch": "2.14.1", "torchvision": "0.29.0", "torchaudio": "2.11.0", "torchcodec": None}) is None
-    assert find_environment_breakage({"torch": "2.13.0+cpu", "torchvision": None, "torchaudio": None, "torchcodec": None}) is None
+    assert find_environment_breakage(
+        {"torch": "2.13.0+cpu", "torchvision": "0.28.0+cpu", "torchaudio": None, "torchcodec": None}
+    ) is None
+    assert find_environment_breakage(
+        {"torch": "2.14.1", "torchvision": "0.29.0", "torchaudio": "2.11.0", "torchcodec": None}
+    ) is None
+    assert find_environment_breakage(
+        {"torch": "2.13.0+cpu", "torchvision": None, "torchaudio": None, "torchcodec": None}
+    ) is None
 
 
 def test_import_brts_is_light():

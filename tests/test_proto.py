@@ -15,7 +15,10 @@ def test_generated_modules_are_not_stale(tmp_path):
 def test_grpc_module_imports_through_the_package():
     text = (Path(teacher_pb2_grpc.__file__)).read_text()
     assert "from brts.proto import teacher_pb2" in text
-    assert hasattr(teacher_pb2_grpc, "TeacherServiceStub") and hasattr(teacher_pb2_grpc, "add_TeacherServiceServicer_to_server")
+    assert (
+        hasattr(teacher_pb2_grpc, "TeacherServiceStub")
+        and hasattr(teacher_pb2_grpc, "add_TeacherServiceServicer_to_server")
+    )
 
 
 def _numbers(message):
@@ -39,17 +42,21 @@ def test_field_numbers_match_the_contract():
         "topk_ids": 8, "topk_logprobs": 9, "cached": 10, "token_ids_packed": 11,
     }
     assert _numbers(teacher_pb2.PromptCandidates) == {
-        "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6, "missing": 7,
+        "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6,
+        "missing": 7,
     }
     assert _numbers(teacher_pb2.ScoreItem) == {"token_ids": 1, "response_start": 2, "candidate_ids": 3}
     assert _numbers(teacher_pb2.ScoreRequest) == {"items": 1, "logprob_k": 2}
     assert _numbers(teacher_pb2.ScoreResult) == {"candidate_logprobs": 1, "topk_ids": 2, "topk_logprobs": 3}
     # dtype (7) came with the start-up probe (issue #17)
     assert _numbers(teacher_pb2.InfoReply) == {
-        "teacher_fingerprint": 1, "tokenizer_fingerprint": 2, "vocab_size": 3, "max_logprob_k": 4, "engine": 5, "model": 6,
-        "dtype": 7,
+        "teacher_fingerprint": 1, "tokenizer_fingerprint": 2, "vocab_size": 3, "max_logprob_k": 4, "engine": 5,
+        "model": 6, "dtype": 7,
     }
-    methods = {m.name: (m.input_type.name, m.output_type.name, m.server_streaming) for m in teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].methods}
+    methods = {
+        m.name: (m.input_type.name, m.output_type.name, m.server_streaming)
+        for m in teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].methods
+    }
     assert methods == {
         "GetCandidates": ("CandidatesRequest", "PromptCandidates", True),
         "Score": ("ScoreRequest", "ScoreReply", False),

@@ -46,7 +46,9 @@ class BenchmarkScores:
 def majority_vote(answers: Sequence[str | None], correct: Sequence[bool], equivalent: Equivalent | None = None) -> bool:
     """One problem's majority@n: the winning equivalence group's first sample's correctness."""
     if len(answers) != len(correct) or not answers:
-        raise ValueError(f"answers/correct: need the same, non-zero number of samples, got {len(answers)} and {len(correct)}")
+        raise ValueError(
+            f"answers/correct: need the same, non-zero number of samples, got {len(answers)} and {len(correct)}"
+        )
     same = equivalent or (lambda a, b: a == b)
     groups: list[list[int]] = []  # sample indices, groups in order of first appearance
     for i, answer in enumerate(answers):

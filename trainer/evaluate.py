@@ -46,8 +46,8 @@ def run_benchmark(name: str, problems: Sequence[Problem], engine: Any, spec: Any
     """Generate n samples per problem, grade them and score the set."""
     from tqdm import tqdm
 
-    from brts.shared.engines.base import GenerationRequest, SamplingParams
     from brts.shared.answers import extract_boxed
+    from brts.shared.engines.base import GenerationRequest, SamplingParams
     from brts.shared.verify import answers_correct_batch, default_verifier
 
     verifier = verifier or default_verifier()
@@ -98,7 +98,9 @@ def evaluate(config: EvalConfig, engine: Any | None = None, progress: bool = Tru
     from brts.shared.prompts import PromptSpec
 
     p = config.prompt
-    spec = PromptSpec.from_options(p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt)
+    spec = PromptSpec.from_options(
+        p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt
+    )
     sets = load_benchmarks(config)
     own = engine is None
     engine = engine or make_engine(config.engine, config.model, device=device, dtype=dtype)
@@ -115,7 +117,9 @@ def evaluate(config: EvalConfig, engine: Any | None = None, progress: bool = Tru
             "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
             "prompt": {"template": spec.template,
                        "instruction_suffix": p.instruction_suffix, "tokenizer": p.tokenizer},
-            "benchmarks": {r.name: {"size": r.size, "bundled_size": EVAL_SETS.get(r.name), **r.scores} for r in results},
+            "benchmarks": {
+                r.name: {"size": r.size, "bundled_size": EVAL_SETS.get(r.name), **r.scores} for r in results
+            },
             "note": "the bundled amc23 has 40 problems; the paper's AMC set has 83 (brts-reference §13)",
         }
         tmp = out / "summary.json.tmp"

@@ -125,8 +125,8 @@ def _rendezvous() -> list[str]:
     missing = [v for v in ("NODE_RANK", "MASTER_ADDR") if v not in os.environ]
     if missing:
         raise ConfigError(f"NNODES={nnodes}: also set {', '.join(missing)} (and MASTER_PORT) on every node")
-    return [f"--nnodes={nnodes}", f"--node_rank={os.environ['NODE_RANK']}", f"--master_addr={os.environ['MASTER_ADDR']}",
-            f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
+    return [f"--nnodes={nnodes}", f"--node_rank={os.environ['NODE_RANK']}",
+            f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:

@@ -60,7 +60,8 @@ def train(config_path: str, resume: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m brts.trainer.main", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="resolved training config (YAML), e.g. RUN_DIR/config.yaml")
-    parser.add_argument("--resume", default=None, help="run dir, checkpoint dir or RUN_DIR/checkpoints/latest to continue from")
+    parser.add_argument("--resume", default=None,
+                        help="run dir, checkpoint dir or RUN_DIR/checkpoints/latest to continue from")
     args = parser.parse_args(argv)
     code = train(args.config, args.resume)
     import torch.distributed as dist

@@ -70,7 +70,8 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
     step_s = g["time/step"]
     rec: dict[str, Any] = {
         "step": step,
-        "loss": stats.loss, "loss/student_context": stats.student_context, "loss/teacher_context": stats.teacher_context,
+        "loss": stats.loss, "loss/student_context": stats.student_context,
+        "loss/teacher_context": stats.teacher_context,
         "grad_norm": stats.grad_norm, "skipped_update": bool(stats.skipped), "lr": lr,
         "tokens/student_context": stats.sc_tokens, "tokens/teacher_context": stats.tc_tokens,
         "prompts": int(prompts), "prompts_too_long": int(g["prompts_too_long"]), "rows": int(g["rows"]),
@@ -127,7 +128,9 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError:
-                print("brts train: wandb_project is set but wandb is not installed; logging to JSONL and TensorBoard only")
+                print(
+                    "brts train: wandb_project is set but wandb is not installed; logging to JSONL and TensorBoard only"
+                )
             else:
                 self._wandb = wandb.init(project=wandb_project, config=dict(config or {}), resume="allow")
 

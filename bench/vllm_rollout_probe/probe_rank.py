@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+import common  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def main() -> None:
@@ -133,7 +133,7 @@ def main() -> None:
             llm.llm_engine.engine_core.shutdown()
         finally:
             dist.destroy_process_group = real_destroy
-        del llm
+        llm = None  # drop the engine (a closure above reads the name, so it is rebound, not deleted)
         rec["allreduce_after_close"] = allreduce_ok()
         rec["ok"] = True
     except Exception as exc:  # report, do not hang the other rank forever

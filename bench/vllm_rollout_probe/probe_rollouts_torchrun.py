@@ -13,13 +13,11 @@ Prints one JSON line per rank with timings and RSS.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+import common  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from brts.server.cache.codec import CorruptEntryError, Entry, decode_entry, deco
 from brts.server.cache.faithful import record_tokenizer
 from brts.server.cache.keys import PoolAddress, entry_key, name_key, pool_address, sampling_key
 from brts.server.cache.store import DEFAULT_MAP_SIZE, CacheError, LmdbStore
-from brts.shared.engines.base import SamplingParams
 from brts.server.pipeline import (
     DRAW,
     RESCORE,
@@ -48,6 +47,7 @@ from brts.server.pipeline import (
     tier2_indices,
     tier2_kept,
 )
+from brts.shared.engines.base import SamplingParams
 from brts.shared.topk import TopK
 from brts.shared.verify import answers_correct_batch
 
@@ -191,7 +191,9 @@ class CandidateCache:
             out.append((cands, not any(w.key in fresh for w in ws), len(ws) - len(here)))
         return out
 
-    def _judge(self, jobs: Sequence[PromptJob], present: list[list[_Want]], got: dict[bytes, Entry]) -> list[list[bool]]:
+    def _judge(
+        self, jobs: Sequence[PromptJob], present: list[list[_Want]], got: dict[bytes, Entry]
+    ) -> list[list[bool]]:
         """Every stored answer against its request's ground truth, in one verifier batch for the whole call."""
         answers = [got[w.key].answer for ws in present for w in ws]
         truths = [job.ground_truth for job, ws in zip(jobs, present) for _ in ws]
@@ -215,7 +217,9 @@ class CandidateCache:
         wants = []
         for i, perturbed in tier1_slots(job):
             if perturbed:
-                addr = pool_address("perturbed", self.teacher, job.prompt_ids, samp, perturbation=job.perturbation or "")
+                addr = pool_address(
+                    "perturbed", self.teacher, job.prompt_ids, samp, perturbation=job.perturbation or ""
+                )
                 wants.append(_Want(job, addr, TIER1, i, perturbed=True))
             else:
                 wants.append(_Want(job, plain, TIER1, i))

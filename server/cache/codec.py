@@ -29,7 +29,8 @@ MAGIC_ENTRY = b"BRTe"
 MAGIC_POOL = b"BRTp"
 FORMAT_VERSION = 1
 _ENVELOPE = struct.Struct("<4sB8s")  # magic, format version, checksum of the rest
-# tier, finish, flags, logprob dtype, index, T, K, answer bytes, created, seed, top-K id vocabulary size, its index width
+# tier, finish, flags, logprob dtype, index, T, K, answer bytes, created, seed, top-K id vocabulary size,
+# its index width
 _ENTRY_HEAD = struct.Struct("<BBBBIIHHdIIB")
 _INDEX_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<i4")}
 _FINISH = ("stop", "length")
@@ -166,7 +167,9 @@ def encode_entry(entry: Entry, logprob_dtype: str = "float32") -> bytes:
 def decode_entry(value: bytes | memoryview, what: str = "entry") -> Entry:
     body = _open(MAGIC_ENTRY, value, what)
     try:
-        tier, finish, flags, lp_code, index, n, k, answer_len, created, seed, n_vocab, width = _ENTRY_HEAD.unpack_from(body)
+        (
+            tier, finish, flags, lp_code, index, n, k, answer_len, created, seed, n_vocab, width
+        ) = _ENTRY_HEAD.unpack_from(body)
         at = _ENTRY_HEAD.size
         answer = body[at : at + answer_len].decode() if flags & _HAS_ANSWER else None
         at += answer_len

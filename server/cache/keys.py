@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brts.shared.engines.base import SamplingParams
 from brts.server.cache.codec import PoolHeader
+from brts.shared.engines.base import SamplingParams
 from brts.shared.hints import HINT_VERSION
 
 KEY_VERSION = b"brts-pool-v1"

@@ -141,7 +141,9 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, max_context: int, field
         raise ValueError(f"{field}: token ids must be integers")
     bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
     if bad.size:
-        raise ValueError(f"{field}: token id {int(arr[bad[0]])} at position {int(bad[0])} is outside 0..{vocab_size - 1}")
+        raise ValueError(
+            f"{field}: token id {int(arr[bad[0]])} at position {int(bad[0])} is outside 0..{vocab_size - 1}"
+        )
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,9 @@ class TorchScorer:
         self.vocab_size = logits_dim(model)
         ctx = max_context if max_context is not None else getattr(model.config, "max_position_embeddings", None)
         if not isinstance(ctx, int) or ctx < 2:
-            raise ValueError(f"max_context: must be an integer >= 2 (or come from config.max_position_embeddings), got {ctx!r}")
+            raise ValueError(
+                f"max_context: must be an integer >= 2 (or come from config.max_position_embeddings), got {ctx!r}"
+            )
         self.max_context = ctx
         self.chunk_size = chunk_size
         self.max_batch_tokens = max_batch_tokens
@@ -105,7 +107,8 @@ class TorchScorer:
                 raise ValueError(f"items[{i}].candidate_ids: must be an integer numpy array, got {kind}")
             if cand.ndim != 2 or cand.shape[0] != rows:
                 raise ValueError(
-                    f"items[{i}].candidate_ids: shape must be [{rows}, K'] (one row per response token), got {list(cand.shape)}"
+                    f"items[{i}].candidate_ids: shape must be [{rows}, K'] (one row per response token), "
+                    f"got {list(cand.shape)}"
                 )
             cand = cand.astype(np.int64, copy=False)
             bad = np.argwhere((cand < PAD_ID) | (cand >= self.vocab_size))

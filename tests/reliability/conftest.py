@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from forkserver import ForkServer  # noqa: E402
+from forkserver import ForkServer  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 @pytest.fixture(scope="package")

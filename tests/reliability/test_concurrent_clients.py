@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from forkserver import ForkServer, Teacher  # noqa: E402
+from forkserver import ForkServer, Teacher  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
-from brts.shared.client import Prompt, TeacherClient  # noqa: E402
+from brts.shared.client import Prompt, TeacherClient  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SEED = 7
 CLIENTS, REQUESTS = 4, 100

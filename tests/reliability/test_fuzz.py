@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from forkserver import ForkServer, Teacher  # noqa: E402
+from forkserver import ForkServer, Teacher  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.proto import teacher_pb2 as pb  # noqa: E402
-from brts.proto import teacher_pb2_grpc  # noqa: E402
+from brts.proto import teacher_pb2 as pb  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.proto import teacher_pb2_grpc  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SEED = 1234
 CASES = 240
@@ -196,8 +196,8 @@ def served(forks: ForkServer, toy_teacher_dir: Path, tmp_path_factory: pytest.Te
 
 
 def test_240_hostile_requests_each_get_a_proper_status_and_the_server_keeps_serving(served: Teacher) -> None:
-    from brts.toy import make_problems, toy_prompt_spec
     from brts.shared.tokenizer import load_tokenizer
+    from brts.toy import make_problems, toy_prompt_spec
 
     channel = grpc.insecure_channel(served.address, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = teacher_pb2_grpc.TeacherServiceStub(channel)

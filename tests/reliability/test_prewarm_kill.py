@@ -34,11 +34,11 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from forkserver import Child, ForkServer, Teacher  # noqa: E402
-from server_proc import free_port  # noqa: E402
+from forkserver import Child, ForkServer, Teacher  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from server_proc import free_port  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.toy import TOY_CHAT_TEMPLATE, make_problems  # noqa: E402
-from brts.shared.client import TeacherClient  # noqa: E402
+from brts.shared.client import TeacherClient  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.toy import TOY_CHAT_TEMPLATE, make_problems  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SEED = 20240610  # the kill moments and which kills also take the prewarm down
 KILLS = 10

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "trainer"))
-from train_env import HANG_S, BRTS, kill_group, metrics, one_line, start_train, train, wait_for_step  # noqa: E402
+from train_env import (  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+    BRTS,
+    HANG_S,
+    kill_group,
+    metrics,
+    one_line,
+    start_train,
+    train,
+    wait_for_step,
+)
 
 
 def _wait_for_line(log: Path, needle: str, proc: subprocess.Popen) -> None:

@@ -16,9 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brts.shared.engines.base import Generation, ScoreOutput
 from brts.server.pipeline import CandidatePipeline, PromptJob
-from brts.shared.engines.base import SamplingParams
+from brts.shared.engines.base import Generation, SamplingParams, ScoreOutput
 from brts.shared.topk import TopK
 
 VOCAB = 151_936

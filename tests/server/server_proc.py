@@ -74,7 +74,9 @@ class ServerProcess:
 
     @staticmethod
     def counts(stopped_line: str) -> dict[str, int]:
-        m = re.search(r"generated (\d+) entries in (\d+) engine calls, rescored (\d+), (\d+) score batches", stopped_line)
+        m = re.search(
+            r"generated (\d+) entries in (\d+) engine calls, rescored (\d+), (\d+) score batches", stopped_line
+        )
         if not m:
             raise AssertionError(f"no counts in {stopped_line!r}")
         return dict(zip(("generated", "engine_calls", "rescored", "score_batches"), map(int, m.groups())))

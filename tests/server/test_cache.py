@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_doubles import job, make_pipeline  # noqa: E402
+from cache_doubles import job, make_pipeline  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.server.cache import CacheCollisionError, CacheError, CandidateCache  # noqa: E402
-from brts.server.cache.codec import PoolHeader, encode_pool  # noqa: E402
-from brts.server.cache.keys import pool_address, sampling_key  # noqa: E402
-from brts.shared.engines.base import SamplingParams  # noqa: E402
+from brts.server.cache import CacheCollisionError, CacheError, CandidateCache  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache.codec import PoolHeader, encode_pool  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache.keys import pool_address, sampling_key  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.engines.base import SamplingParams  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=32)
 TEACHER = "teacher-aaaa"

@@ -18,13 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_doubles import job, make_pipeline  # noqa: E402
+from cache_doubles import job, make_pipeline  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.cli import main  # noqa: E402
-from brts.server.cache import CandidateCache, CorruptEntryError, admin  # noqa: E402
-from brts.server.cache.store import LmdbStore  # noqa: E402
-from brts.shared.engines.base import SamplingParams  # noqa: E402
-from brts.shared.tokenizer import bundled_tokenizer_dir  # noqa: E402
+from brts.cli import main  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache import CandidateCache, CorruptEntryError, admin  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache.store import LmdbStore  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.engines.base import SamplingParams  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.tokenizer import bundled_tokenizer_dir  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=32)
 A, B = "teacher-a", "teacher-b"
@@ -91,7 +91,9 @@ def test_stats_counts_per_teacher_and_tier(built, cache_dir):
     row_a, row_b = s["teachers"][A], s["teachers"][B]
     assert set(s["teachers"]) == {A, B} and s["damaged"] == 0
     # teacher-a: 4 + 3 + 2 + 2 plain Tier-1 entries, 1 perturbed, 8 Tier-2 attempts; 4 + 1 + 1 pools
-    assert (row_a["entries"], row_a["entries_tier1"], row_a["entries_perturbed"], row_a["entries_tier2"]) == (20, 11, 1, 8)
+    assert (
+        row_a["entries"], row_a["entries_tier1"], row_a["entries_perturbed"], row_a["entries_tier2"]
+    ) == (20, 11, 1, 8)
     assert (row_a["pools_tier1"], row_a["pools_perturbed"], row_a["pools_tier2"]) == (4, 1, 1)
     attempts = served_a[2].tier2_attempts
     assert row_a["tier2_with_topk"] == sum(c.topk is not None for c in attempts) == 8  # hinted: all correct

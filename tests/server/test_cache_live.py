@@ -24,9 +24,9 @@ from brts.server.app import RunningServer
 from brts.server.cache.faithful import TOKENIZER_KEY, drift_report, recorded_tokenizer
 from brts.server.cache.store import LmdbStore
 from brts.server.runtime import build_runtime
-from brts.toy import make_problems, toy_prompt_spec
 from brts.shared.client import Prompt, Sampling, TeacherClient
 from brts.shared.config import SamplingConfig, ServerConfig
+from brts.toy import make_problems, toy_prompt_spec
 
 NAME = "teacher-under-a-name"
 

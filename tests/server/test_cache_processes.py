@@ -34,8 +34,8 @@ _reader = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_reader)
 one_pass = _reader.one_pass  # the reader script's snapshot check, reused after each kill
 
-from brts.server.cache import CandidateCache, admin  # noqa: E402
-from brts.server.cache.store import LmdbStore  # noqa: E402
+from brts.server.cache import CandidateCache, admin  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache.store import LmdbStore  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SMALL_MAP = 64 << 10
 BATCH = 8

@@ -20,9 +20,9 @@ import pytest
 
 from brts.server.cache import CandidateCache, LmdbStore
 from brts.server.cache.codec import decode_entry
-from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.server.fingerprint import teacher_fingerprint
 from brts.server.pipeline import TIER2, CandidatePipeline, PromptJob
+from brts.shared.engines.base import SamplingParams, ScoreItem
 from brts.toy import make_problems, toy_prompt_spec
 
 K = 16

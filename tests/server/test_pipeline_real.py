@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from brts.server.cache import CandidateCache
-from brts.shared.engines.base import SamplingParams
 from brts.server.pipeline import TIER1, TIER2, CandidatePipeline, PromptJob
-from brts.toy import make_problems, toy_prompt_spec
 from brts.shared.answers import extract_boxed, normalize_integer
+from brts.shared.engines.base import SamplingParams
 from brts.shared.hints import hinted_prompt_ids
+from brts.toy import make_problems, toy_prompt_spec
 
 K = 8
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=20)

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_proc import ServerProcess  # noqa: E402
+from server_proc import ServerProcess  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 from brts.proto import teacher_pb2, teacher_pb2_grpc
-from brts.shared.topk import from_proto  # noqa: E402
-from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
-from brts.shared.client import Prompt, TeacherClient, TeacherMismatchError, TeacherUnavailableError  # noqa: E402
-from brts.shared.topk import to_proto  # noqa: E402
+from brts.shared.client import Prompt, TeacherClient, TeacherMismatchError, TeacherUnavailableError  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.topk import from_proto, to_proto  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 SERVE_ARGS = ["sampling.max_new_tokens=24", "sampling.temperature=1.0", "batch_window_ms=300"]
 
@@ -146,7 +145,9 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, prompt
     def score(**kw):
         item = dict(token_ids=seq, response_start=len(good))
         item.update(kw)
-        return lambda: stub.Score(teacher_pb2.ScoreRequest(items=[teacher_pb2.ScoreItem(**item)], logprob_k=4), timeout=300)
+        return lambda: stub.Score(
+            teacher_pb2.ScoreRequest(items=[teacher_pb2.ScoreItem(**item)], logprob_k=4), timeout=300
+        )
 
     _expect(bad, score(response_start=0), "items[0].response_start")
     _expect(bad, score(response_start=len(seq)), "items[0].response_start")

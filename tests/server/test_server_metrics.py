@@ -16,12 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_proc import BRTS, ServerProcess, free_port  # noqa: E402
+from server_proc import BRTS, ServerProcess, free_port  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402
-from brts.server.cache import admin  # noqa: E402
-from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
-from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402
+from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.server.cache import admin  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def _scrape(port: int) -> tuple[str, dict[tuple[str, frozenset], float]]:
@@ -73,7 +73,9 @@ def test_counters_move_by_exactly_what_the_calls_did(toy_teacher_dir: Path, tmp_
     # the coalescers: the 3 missing prompts in the candidates queue, the 2 valid Score items in the score queue
     assert _value(after, "brts_batch_items_sum", queue="candidates") == 3
     assert _value(after, "brts_batch_items_sum", queue="score") == 2
-    assert _value(after, "brts_queue_depth", queue="candidates") == _value(after, "brts_queue_depth", queue="score") == 0
+    assert (
+        _value(after, "brts_queue_depth", queue="candidates") == _value(after, "brts_queue_depth", queue="score") == 0
+    )
     (row,) = stored["teachers"].values()
     tier1 = _value(after, "brts_candidates_generated_total", tier="1")
     tier2 = _value(after, "brts_candidates_generated_total", tier="2")
@@ -99,7 +101,9 @@ def test_a_metrics_port_in_use_fails_before_the_grpc_port(tmp_path: Path) -> Non
         r = _serve_refused("--model", str(tmp_path), "--port", "0", "--metrics-port", str(port))
     assert r.returncode == 1 and "bound" not in r.stdout, r.stdout + r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"brts serve: metrics_port: cannot serve metrics on 127.0.0.1:{port}")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"brts serve: metrics_port: cannot serve metrics on 127.0.0.1:{port}"
+    )
 
 
 def test_a_non_loopback_metrics_bind_needs_tls(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_proc import BRTS, ServerProcess  # noqa: E402
+from server_proc import BRTS, ServerProcess  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.toy import make_problems, toy_prompt_spec  # noqa: E402
-from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402
+from brts.shared.client import Prompt, Sampling, TeacherClient  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.toy import make_problems, toy_prompt_spec  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def _brts(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

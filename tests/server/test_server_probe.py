@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_proc import BRTS, ServerProcess, free_port  # noqa: E402
+from server_proc import BRTS, ServerProcess, free_port  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402
-from brts.shared.client import TeacherClient  # noqa: E402
+from brts.proto import teacher_pb2, teacher_pb2_grpc  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from brts.shared.client import TeacherClient  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 HANG_S = 600.0  # hang guards only
 # A client started before the server reconnects every <= 100 ms instead of grpc's 1 s+ backoff, so its first call

@@ -26,7 +26,8 @@ def test_defaults_follow_the_reference():
     "cls, kwargs, message",
     [
         (TrainConfig, {"student": "s", "lr": -1.0}, "train.lr: must be > 0, got -1.0"),
-        (TrainConfig, {"student": "s", "overlap_mode": "middle"}, "train.overlap_mode: must be one of prefix, position; got 'middle'"),
+        (TrainConfig, {"student": "s", "overlap_mode": "middle"},
+         "train.overlap_mode: must be one of prefix, position; got 'middle'"),
         (TrainConfig, {"student": ""}, "train.student: must be a model directory"),
         (TrainConfig, {"student": "s", "n_rollouts": "2"}, "train.n_rollouts: must be an integer, got '2'"),
         (TrainConfig, {"student": "s", "betas": (0.9,)}, "train.betas: must be two numbers"),
@@ -34,7 +35,8 @@ def test_defaults_follow_the_reference():
         (ServerConfig, {"model": "m", "host": "0.0.0.0"}, "server.host: binding 0.0.0.0 (not loopback) requires TLS"),
         (ServerConfig, {"model": "m", "engine": "tgi"}, "server.engine: must be one of hf, vllm, sglang"),
         (PrewarmConfig, {"n_tier2": -1}, "prewarm.n_tier2: must be >= 0"),
-        (EvalConfig, {"model": "m", "benchmarks": ("aime24", "math500")}, "eval.benchmarks: unknown benchmark 'math500'"),
+        (EvalConfig, {"model": "m", "benchmarks": ("aime24", "math500")},
+         "eval.benchmarks: unknown benchmark 'math500'"),
         (EvalConfig, {"model": "m", "top_p": 0.0}, "eval.top_p: must be in (0, 1]"),
     ],
 )

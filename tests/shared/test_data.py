@@ -34,8 +34,10 @@ BUNDLED_SHA256 = {
     "eval/amc23.jsonl": "43707e1ca784602d8479de24ee8ce36609dbebc46dd152b0b12a46611aa898a4",
     "tokenizers/qwen2.5-instruct/vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
     "tokenizers/qwen2.5-instruct/merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
-    "tokenizers/qwen2.5-instruct/tokenizer_config.json": "5b5d4f65d0acd3b2d56a35b56d374a36cbc1c8fa5cf3b3febbbfabf22f359583",
-    "tokenizers/deepseek-r1-distill-qwen/tokenizer_config.json": "8ac8c85fb242563c2260baec0909debd69d718af6a0b3d90e6cab62b4d341cd5",
+    "tokenizers/qwen2.5-instruct/tokenizer_config.json":
+        "5b5d4f65d0acd3b2d56a35b56d374a36cbc1c8fa5cf3b3febbbfabf22f359583",
+    "tokenizers/deepseek-r1-distill-qwen/tokenizer_config.json":
+        "8ac8c85fb242563c2260baec0909debd69d718af6a0b3d90e6cab62b4d341cd5",
 }
 
 # The 7 problem texts of DAPO-Math-17k that appear with two different ground truths (extra_info.index, answer).
@@ -200,7 +202,9 @@ def test_unknown_eval_name_lists_the_allowed():
 
 
 def test_load_problems_jsonl_detects_question_and_final_answer(tmp_path):
-    path = write_jsonl(tmp_path / "mine.jsonl", [{"question": "1+1?", "final_answer": 2}, {"question": "half?", "final_answer": 2.5}])
+    path = write_jsonl(
+        tmp_path / "mine.jsonl", [{"question": "1+1?", "final_answer": 2}, {"question": "half?", "final_answer": 2.5}]
+    )
     problems = load_problems(path)
     assert problems == [Problem("0", "1+1?", "2", "mine"), Problem("1", "half?", "2.5", "mine")]
 
@@ -223,7 +227,9 @@ def test_load_problems_verl_parquet_strips_the_dapo_wrapper(tmp_path):
     path = tmp_path / "verl.parquet"
     pq.write_table(_dapo_table([DAPO_PREFIX + "What is 2+2?" + DAPO_SUFFIX, "Plain problem?"]), path)
     problems = load_problems(path)
-    assert [(p.id, p.problem, p.answer) for p in problems] == [("id-0", "What is 2+2?", "0"), ("id-1", "Plain problem?", "1")]
+    assert [(p.id, p.problem, p.answer) for p in problems] == [
+        ("id-0", "What is 2+2?", "0"), ("id-1", "Plain problem?", "1")
+    ]
 
 
 def test_load_problems_bundled_jsonl_uses_file_ids():
@@ -249,7 +255,9 @@ def test_load_problems_errors_name_file_row_and_columns(tmp_path):
     wrong_cols = write_jsonl(tmp_path / "wc.jsonl", [{"text": "a", "answer": "1"}])
     with pytest.raises(DataFormatError, match=r"columns: text, answer; accepted: problem, question, prompt"):
         load_problems(wrong_cols)
-    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": 1, "problem": "a", "answer": "1"}, {"id": 1, "problem": "b", "answer": "2"}])
+    dup = write_jsonl(
+        tmp_path / "dup.jsonl", [{"id": 1, "problem": "a", "answer": "1"}, {"id": 1, "problem": "b", "answer": "2"}]
+    )
     with pytest.raises(DataFormatError, match=r"id '1' .* repeats in rows 0 and 1"):
         load_problems(dup)
     not_object = write_jsonl(tmp_path / "list.jsonl", [[1, 2]])

@@ -47,7 +47,10 @@ def test_injection_on_qwen_chatml(qwen_tokenizer):
 
 
 def test_injection_on_deepseek_template(qwen_tokenizer):
-    cfg = json.loads((Path(__file__).resolve().parents[2] / "shared/data/tokenizers/deepseek-r1-distill-qwen/tokenizer_config.json").read_text())
+    cfg = json.loads(
+        (Path(__file__).resolve().parents[2] / "shared/data/tokenizers/deepseek-r1-distill-qwen/tokenizer_config.json")
+        .read_text()
+    )
     text = qwen_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2+3?"}],
         chat_template=cfg["chat_template"],
@@ -74,7 +77,9 @@ def test_injection_falls_back_to_appending():
 
 
 def test_hinted_prompt_ids_round_trip_special_tokens(qwen_tokenizer):
-    text = qwen_tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+    text = qwen_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = qwen_tokenizer.encode(text, add_special_tokens=False)
     hinted = hinted_prompt_ids(ids, "2", qwen_tokenizer)
     im_start = qwen_tokenizer.convert_tokens_to_ids("<|im_start|>")

@@ -74,7 +74,9 @@ def test_same_options_give_identical_ids_and_fingerprints(qwen_spec):
 
 
 def test_literal_template_string_is_used_verbatim(qwen_tokenizer):
-    spec = PromptSpec.from_options(tokenizer=qwen_tokenizer, chat_template="{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:")
+    spec = PromptSpec.from_options(
+        tokenizer=qwen_tokenizer, chat_template="{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    )
     assert spec.render("1+1?") == f"Q: 1+1? {DEFAULT_INSTRUCTION_SUFFIX}\nA:"
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from brts.shared.verify import BoundedVerifier, answers_match_exactly, is_correct, is_correct_batch
 
-
 # What a bounded call may take past its bound on a loaded machine (the kill, the replacement's spawn, the scheduler).
 # The promise is "never hangs": a hang is forever, so any finite slack proves it; 5 s holds under a CPU hog.
 SLACK_S = 5.0

@@ -33,9 +33,11 @@ ROWS = {
 class FakeMachine(Machine):
     """A machine with fixed answers: ``gpus`` GPUs of ``gib`` GiB each, CUDA torch unless ``cuda`` is None."""
 
-    def __init__(self, gpus: int = 8, gib: float = 80.0, cuda: str | None = "12.8", modules: tuple[str, ...] = ("vllm", "transformers"),
-                 host_gib: float = 512.0, nccl: bool = True) -> None:
-        self.gpus, self.gib, self.cuda, self.modules, self.host_gib, self.nccl = gpus, gib, cuda, modules, host_gib, nccl
+    def __init__(self, gpus: int = 8, gib: float = 80.0, cuda: str | None = "12.8",
+                 modules: tuple[str, ...] = ("vllm", "transformers"), host_gib: float = 512.0,
+                 nccl: bool = True) -> None:
+        self.gpus, self.gib, self.cuda = gpus, gib, cuda
+        self.modules, self.host_gib, self.nccl = modules, host_gib, nccl
 
     def torch_version(self) -> str:
         return "2.14.0+cu128" if self.cuda else "2.13.0+cpu"
@@ -97,9 +99,11 @@ def test_paper_configs_run_at_the_papers_scale(path: Path):
     assert (launch.nproc, launch.device, launch.backend_for("cuda")) == (8, "cuda", "nccl")
     assert "DeepSeek-R1-Distill-Qwen-1.5B" in config.student and config.prompt.tokenizer == config.student
     assert (config.prompts_per_step, config.max_response_len, config.sampling.max_new_tokens) == (64, 7168, 7168)
-    assert (config.lr, config.betas, config.weight_decay, config.grad_clip, config.logprob_k) == (1e-6, (0.9, 0.999), 0.01, 1.0, 16)
+    assert (config.lr, config.betas, config.weight_decay, config.grad_clip, config.logprob_k) == (
+        1e-6, (0.9, 0.999), 0.01, 1.0, 16)
     assert (config.rollout_temperature, config.sampling.temperature, config.sampling.top_p) == (1.0, 0.7, 0.95)
-    assert (config.prompt.max_prompt_len, config.token_budget, config.dtype, config.rollout_engine) == (1024, 32768, "bfloat16", "vllm")
+    assert (config.prompt.max_prompt_len, config.token_budget, config.dtype, config.rollout_engine) == (
+        1024, 32768, "bfloat16", "vllm")
     n, branch, m, m2, overlap, perturbed, lam, port = ROWS[path.stem]
     assert (config.n_rollouts, config.teacher_branch, config.overlap_mode, config.lam) == (n, branch, overlap, lam)
     assert config.server == f"127.0.0.1:{port}"
@@ -125,8 +129,10 @@ def test_tiny_cpu_is_small_gloo_fp32():
 
 
 def test_shipped_names_and_overrides_reach_both_sections():
-    config, launch = load_train_config("paper_brts_n4", ["lr=2e-6", "launch.nproc=1", "prompt.max_prompt_len=512"], seed=3)
-    assert (config.lr, config.seed, config.prompt.max_prompt_len, launch.nproc, launch.device) == (2e-6, 3, 512, 1, "cuda")
+    config, launch = load_train_config("paper_brts_n4", ["lr=2e-6", "launch.nproc=1", "prompt.max_prompt_len=512"],
+                                       seed=3)
+    assert (config.lr, config.seed, config.prompt.max_prompt_len, launch.nproc, launch.device) == (
+        2e-6, 3, 512, 1, "cuda")
 
 
 # ------------------------------------------------------------------------------------------ malformed configs
@@ -192,7 +198,8 @@ def test_no_gpus_with_a_cuda_torch(model_dir: Path, tmp_path: Path):
 
 def test_too_little_gpu_memory(model_dir: Path, tmp_path: Path):
     config, launch = _paper_ok(CONFIG_DIR / "paper_brts_n2.yaml", model_dir, tmp_path)
-    with pytest.raises(PreflightError, match=r"at least 70 GiB each .* but 0 of the 8 visible have that much .smallest: 39\.5 GiB"):
+    with pytest.raises(PreflightError,
+                       match=r"at least 70 GiB each .* but 0 of the 8 visible have that much .smallest: 39\.5 GiB"):
         preflight(config, launch, FakeMachine(gib=39.5))
 
 
@@ -248,7 +255,8 @@ def test_main_check_paper_config_without_gpus(model_dir: Path, tmp_path: Path, c
                     machine=FakeMachine(cuda=None))
     out, err = capsys.readouterr()
     assert rc == 1 and out == "" and err.count("\n") == 1
-    assert err.startswith("brts train: this machine cannot run the config: needs 8 CUDA GPUs") and "CPU-only build" in err
+    assert (err.startswith("brts train: this machine cannot run the config: needs 8 CUDA GPUs")
+            and "CPU-only build" in err)
 
 
 def test_main_check_tiny_cpu_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

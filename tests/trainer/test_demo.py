@@ -90,7 +90,8 @@ def test_each_run_is_skipped_resumed_or_started_fresh(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     resume = _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2")
     assert resume is not None and resume[-3:] == ["--resume", str(run), "server=127.0.0.1:2"]
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, TINY.metric: 0.5}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, TINY.metric: 0.5}) + "\n")
     assert _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2") is None
     other = paths.run_dir("opd", 0)
     other.mkdir(parents=True)

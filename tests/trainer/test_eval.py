@@ -16,14 +16,18 @@ from click.testing import CliRunner
 from brts.trainer.eval_metrics import bootstrap_best_and_majority, majority_vote, score_benchmark
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_env import write_problems  # noqa: E402
+from train_env import write_problems  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def test_all_right_and_all_wrong():
     right = score_benchmark([["1", "1"], ["2", "2"]], [[True, True], [True, True]])
-    assert (right.mean, right.pass_at_n, right.majority, right.bootstrap_best, right.bootstrap_majority) == (1, 1, 1, 1, 1)
+    assert (
+        right.mean, right.pass_at_n, right.majority, right.bootstrap_best, right.bootstrap_majority
+    ) == (1, 1, 1, 1, 1)
     wrong = score_benchmark([["1", None], [None, None]], [[False, False], [False, False]])
-    assert (wrong.mean, wrong.pass_at_n, wrong.majority, wrong.bootstrap_best, wrong.bootstrap_majority) == (0, 0, 0, 0, 0)
+    assert (
+        wrong.mean, wrong.pass_at_n, wrong.majority, wrong.bootstrap_best, wrong.bootstrap_majority
+    ) == (0, 0, 0, 0, 0)
     mixed = score_benchmark([["3", "4", "4", "5"]], [[True, False, False, False]])
     assert mixed.mean == 0.25 and mixed.pass_at_n == 1.0 and mixed.majority == 0.0
     assert mixed.as_dict()["mean@4"] == 0.25 and mixed.as_dict()["problems"] == 1

@@ -11,7 +11,6 @@ import torch
 
 from brts.trainer.sampler import PromptSampler, keyed_seed, pool_offset
 
-
 # ------------------------------------------------------------------------------------------------ sampler
 
 

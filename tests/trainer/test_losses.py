@@ -21,7 +21,9 @@ LossFn = Callable[..., torch.Tensor]
 ATOL = 1e-9  # float64 throughout; the issue asks for 1e-6
 
 
-def _random_case(seed: int, shape: tuple[int, ...] = (3, 7), k: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _random_case(
+    seed: int, shape: tuple[int, ...] = (3, 7), k: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student/teacher log-probs [..., K] (float64), a random mask, and some -inf padded entries."""
     g = torch.Generator().manual_seed(seed)
     a = torch.log_softmax(torch.randn(*shape, 50, generator=g, dtype=torch.float64), -1)[..., :k].clone()
@@ -78,7 +80,9 @@ def _brute_tc(ell: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, n: float) 
     return value, grad.reshape(ell.shape)
 
 
-def _value_and_grad(fn: LossFn, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+def _value_and_grad(
+    fn: LossFn, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, **kw: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     a = a.clone().requires_grad_(True)
     loss = fn(a, b, mask, **kw)
     (grad,) = torch.autograd.grad(loss, a)
@@ -119,7 +123,9 @@ def test_student_context_gradient_is_not_autograd_of_the_value() -> None:
     torch.testing.assert_close(grad, intended, atol=ATOL, rtol=0)
     assert (grad - buggy).abs().max() > 1e-3
     # and the gradient depends on the teacher
-    _, grad_other_teacher = _value_and_grad(student_context_loss, a, b - 1.0 * torch.arange(5.0, dtype=torch.float64), mask)
+    _, grad_other_teacher = _value_and_grad(
+        student_context_loss, a, b - 1.0 * torch.arange(5.0, dtype=torch.float64), mask
+    )
     assert (grad - grad_other_teacher).abs().max() > 1e-3
 
 

@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist  # noqa: E402 - after pytest.importorskip('torch')
 
 EOS, EOS2 = 151645, 151643  # <|im_end|>, <|endoftext|>
 VOCAB = 151936

@@ -65,7 +65,9 @@ def test_no_valid_position_gives_zero() -> None:
     cand = L([1, 2])
     topk = L([[1], [2]])
     assert _overlap(cand, topk, torch.zeros(2, dtype=torch.bool)) == 0.0
-    assert _overlap(L([], dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.bool)) == 0.0
+    assert (
+        _overlap(L([], dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.bool)) == 0.0
+    )
 
 
 def test_empty_topk_gives_zero() -> None:

@@ -14,7 +14,6 @@ from torch.utils._pytree import tree_leaves
 from brts.trainer.losses import student_context_loss, teacher_context_loss
 from brts.trainer.topk_logprobs import chunked_topk_logprobs
 
-
 Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Tensors3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -42,7 +41,8 @@ def _naive(
 
 
 def _dual_loss(
-    topk_lp: torch.Tensor, gathered: torch.Tensor, teacher_sc: torch.Tensor, teacher_tc: torch.Tensor, mask: torch.Tensor
+    topk_lp: torch.Tensor, gathered: torch.Tensor, teacher_sc: torch.Tensor, teacher_tc: torch.Tensor,
+    mask: torch.Tensor
 ) -> torch.Tensor:
     """A loss built on both outputs the way the trainer uses them (§8.1 + §8.3)."""
     return student_context_loss(topk_lp, teacher_sc, mask) + 0.7 * teacher_context_loss(gathered, teacher_tc, mask)
@@ -72,7 +72,9 @@ def test_matches_full_logits_values_and_gradients_fp32(lead: tuple[int, ...], ch
     torch.testing.assert_close(out.gathered_logprobs, gathered, atol=1e-5, rtol=0)
 
     sc, tc, mask = _teacher(1, (*lead, k), gather)
-    grads = torch.autograd.grad(_dual_loss(out.topk_logprobs, out.gathered_logprobs, sc, tc, mask), (hidden, weight, bias))
+    grads = torch.autograd.grad(
+        _dual_loss(out.topk_logprobs, out.gathered_logprobs, sc, tc, mask), (hidden, weight, bias)
+    )
     ref_loss = _dual_loss(vals, gathered, sc, tc, mask)
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
     for got, ref in zip(grads, ref_grads, strict=True):
@@ -153,7 +155,9 @@ def test_bf16(upcast: bool) -> None:
     torch.testing.assert_close(out.topk_logprobs, ref_vals, atol=1e-5 if upcast else 2e-2, rtol=0)
     assert (out.topk_logprobs[..., :-1] >= out.topk_logprobs[..., 1:]).all()
     sc, tc, mask = _teacher(7, (2, 13, k), gather)
-    grads = torch.autograd.grad(_dual_loss(out.topk_logprobs, out.gathered_logprobs, sc, tc, mask), (hidden, weight, bias))
+    grads = torch.autograd.grad(
+        _dual_loss(out.topk_logprobs, out.gathered_logprobs, sc, tc, mask), (hidden, weight, bias)
+    )
     ref_gathered = ref_lp.gather(-1, gather.clamp_min(0)).masked_fill(gather < 0, float("-inf"))
     ref_grads = torch.autograd.grad(_dual_loss(ref_vals, ref_gathered, sc, tc, mask), (hidden, weight, bias))
     for got, ref, inp in zip(grads, ref_grads, (hidden, weight, bias), strict=True):

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from server_proc import BRTS, ServerProcess, free_port  # noqa: E402,F401
+from server_proc import BRTS, ServerProcess, free_port  # noqa: E402,F401 - after the sys.path line; BRTS and free_port are re-exported to the tests
 
 REPO = Path(__file__).resolve().parents[2]
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: after a SIGTERM torchrun gives the ranks this long to finish their step and

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/server: cache_doubles
 
-from cache_doubles import job  # noqa: E402
+from cache_doubles import job  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 TEACHER = "teacher-proc"
 N_TIER1 = 4

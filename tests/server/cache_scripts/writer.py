@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import cache_proc_common as common  # noqa: E402
-from cache_doubles import make_pipeline  # noqa: E402
+import cache_proc_common as common  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+from cache_doubles import make_pipeline  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
-from brts.server.cache import CandidateCache  # noqa: E402
+from brts.server.cache import CandidateCache  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def make_engine(name: str, path: Path) -> Any:
             pytest.skip(str(exc))
     if name == "sglang":
         try:
-            import sglang  # noqa: F401
+            import sglang  # noqa: F401 - imported only to see whether sglang is installed
         except ImportError:
             pytest.skip(SGLANG_SKIP)
         from brts.shared.engines.sglang_engine import SGLangEngine

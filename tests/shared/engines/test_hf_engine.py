@@ -37,7 +37,9 @@ def test_protocol_and_properties(tiny_qwen2: Any) -> None:
 def test_greedy_equals_argmax_decoding_with_left_padding(tiny_qwen2: Any) -> None:
     engine = HFEngine(tiny_qwen2, eos_token_ids=NO_EOS)
     prompts = [(11, 12, 13), tuple(range(40, 61)), (7,), tuple(range(100, 109))]
-    gens = engine.generate([GenerationRequest(p, (0, 1)) for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=10))
+    gens = engine.generate(
+        [GenerationRequest(p, (0, 1)) for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=10)
+    )
     for prompt, per in zip(prompts, gens):
         expected = argmax_decode(tiny_qwen2, prompt, 10)
         assert NO_EOS[0] not in expected
@@ -50,7 +52,9 @@ def test_eos_ends_a_sample_exactly_once_and_other_rows_go_on(tiny_qwen2: Any) ->
     greedy = [argmax_decode(tiny_qwen2, p, 12) for p in prompts]
     eos = greedy[0][4]  # make the first row's 5th greedy token an EOS
     engine = HFEngine(tiny_qwen2, eos_token_ids=(NO_EOS[0], eos))
-    gens = engine.generate([GenerationRequest(p, (0,)) for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=12))
+    gens = engine.generate(
+        [GenerationRequest(p, (0,)) for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=12)
+    )
     for ref, (g,) in zip(greedy, gens):
         if eos in ref:
             cut = ref.index(eos) + 1
@@ -71,7 +75,9 @@ def test_seeds_reproduce_samples_across_batchings(tiny_qwen2: Any) -> None:
     assert [g.token_ids for g in alone] == [g.token_ids for g in crowd] == [g.token_ids for g in one_by_one]
     assert alone[0].token_ids == alone[2].token_ids  # same seed, same sample
     assert alone[0].token_ids != alone[1].token_ids  # different seeds differ (could fail if seeds were ignored)
-    again = HFEngine(tiny_qwen2, eos_token_ids=NO_EOS).generate([target], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12))
+    again = HFEngine(tiny_qwen2, eos_token_ids=NO_EOS).generate(
+        [target], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)
+    )
     assert [g.token_ids for g in again[0]] == [g.token_ids for g in alone]
 
 
@@ -90,7 +96,8 @@ def test_sampling_follows_the_filtered_distribution(tiny_qwen2_factory: Any) -> 
         return np.bincount([g.token_ids[0] for g in gens], minlength=200) / n
 
     for freq, p in ((draw(temperature=1.0, top_p=1.0), probs),
-                    (draw(temperature=1.0, top_k=3, top_p=1.0), np.where(np.isin(np.arange(200), order[:3]), probs, 0))):
+                    (draw(temperature=1.0, top_k=3, top_p=1.0),
+                     np.where(np.isin(np.arange(200), order[:3]), probs, 0))):
         p = p / p.sum()
         assert freq[p == 0].sum() == 0
         assert np.abs(freq - p).max() < 4 * np.sqrt(0.25 / n), (freq[order[:5]], p[order[:5]])
@@ -102,7 +109,9 @@ def test_sampling_follows_the_filtered_distribution(tiny_qwen2_factory: Any) -> 
 
 def test_length_finish_reason(tiny_qwen2: Any) -> None:
     engine = HFEngine(tiny_qwen2, eos_token_ids=NO_EOS)
-    (per,) = engine.generate([GenerationRequest((1, 2, 3), (0, 1, 2))], SamplingParams(temperature=0.7, max_new_tokens=5))
+    (per,) = engine.generate(
+        [GenerationRequest((1, 2, 3), (0, 1, 2))], SamplingParams(temperature=0.7, max_new_tokens=5)
+    )
     assert [(len(g.token_ids), g.finish_reason) for g in per] == [(5, "length")] * 3
     assert engine.generate([GenerationRequest((1, 2), ())], SamplingParams(max_new_tokens=3)) == [[]]
     assert engine.generate([], SamplingParams(max_new_tokens=3)) == []
@@ -120,7 +129,9 @@ def test_toy_teacher_stops_with_one_eos(hf_engine: HFEngine, toy_tokenizer: Any)
         for g in per:
             assert g.finish_reason == "stop" and g.token_ids[-1] in hf_engine.eos_token_ids
             assert sum(t in hf_engine.eos_token_ids for t in g.token_ids) == 1
-    cut = hf_engine.generate([GenerationRequest(tuple(prompts[0]), (0,))], SamplingParams(temperature=0.0, max_new_tokens=3))
+    cut = hf_engine.generate(
+        [GenerationRequest(tuple(prompts[0]), (0,))], SamplingParams(temperature=0.0, max_new_tokens=3)
+    )
     assert cut[0][0].finish_reason == "length" and len(cut[0][0].token_ids) == 3
     assert not set(cut[0][0].token_ids) & set(hf_engine.eos_token_ids)
 
@@ -132,14 +143,18 @@ def test_toy_teacher_stops_with_one_eos(hf_engine: HFEngine, toy_tokenizer: Any)
          r"requests\[1\]\.prompt_ids: must not be empty"),
         ([GenerationRequest((1, 1000), (0,))], SamplingParams(max_new_tokens=4),
          r"requests\[0\]\.prompt_ids: token id 1000 at position 1 is outside 0\.\.999"),
-        ([GenerationRequest((1, 2), (0,)), GenerationRequest(tuple(range(500)), (0,))], SamplingParams(max_new_tokens=20),
+        ([GenerationRequest((1, 2), (0,)), GenerationRequest(tuple(range(500)), (0,))],
+         SamplingParams(max_new_tokens=20),
          r"requests\[1\]\.prompt_ids: 500 prompt tokens \+ max_new_tokens=20 exceed the engine's context of 512"),
-        ([GenerationRequest(tuple(range(600)), (0,))], SamplingParams(max_new_tokens=4), r"requests\[0\]\.prompt_ids: 600 tokens exceed"),
+        ([GenerationRequest(tuple(range(600)), (0,))], SamplingParams(max_new_tokens=4),
+         r"requests\[0\]\.prompt_ids: 600 tokens exceed"),
         ([GenerationRequest((1, 2), (0, -1))], SamplingParams(max_new_tokens=4), r"requests\[0\]\.seeds\[1\]"),
         ([GenerationRequest((1, 2), (0,))], SamplingParams(max_new_tokens=512), r"sampling\.max_new_tokens"),
     ],
 )
-def test_bad_requests_raise_naming_the_field(tiny_qwen2: Any, requests_: list, sampling: SamplingParams, message: str) -> None:
+def test_bad_requests_raise_naming_the_field(
+    tiny_qwen2: Any, requests_: list, sampling: SamplingParams, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         HFEngine(tiny_qwen2, eos_token_ids=NO_EOS).generate(requests_, sampling)
 

@@ -21,7 +21,9 @@ def reference_logprobs(model: Any, token_ids: tuple[int, ...], response_start: i
     return torch.log_softmax(logits, dim=-1)[response_start - 1 : len(token_ids) - 1]
 
 
-def random_items(rng: np.random.Generator, vocab: int, shapes: list[tuple[int, int]], n_cand: int = 6) -> list[ScoreItem]:
+def random_items(
+    rng: np.random.Generator, vocab: int, shapes: list[tuple[int, int]], n_cand: int = 6
+) -> list[ScoreItem]:
     items = []
     for length, start in shapes:
         ids = tuple(int(x) for x in rng.integers(0, vocab, length))
@@ -127,9 +129,11 @@ def test_never_materialises_all_positions_logits(tiny_qwen2_factory: Any) -> Non
         (ScoreItem((1, 2, 1000), 1), 4, r"items\[0\]\.token_ids: token id 1000 at position 2 is outside"),
         (ScoreItem((1, -2, 3), 1), 4, r"items\[0\]\.token_ids: token id -2"),
         (ScoreItem(tuple(range(1, 600)), 1), 4, r"items\[0\]\.token_ids: 599 tokens exceed"),
-        (ScoreItem((1, 2, 3), 1, np.zeros((3, 2), dtype=np.int64)), 4, r"items\[0\]\.candidate_ids: shape must be \[2, K'\]"),
+        (ScoreItem((1, 2, 3), 1, np.zeros((3, 2), dtype=np.int64)), 4,
+         r"items\[0\]\.candidate_ids: shape must be \[2, K'\]"),
         (ScoreItem((1, 2, 3), 1, np.zeros(2, dtype=np.int64)), 4, r"items\[0\]\.candidate_ids: shape"),
-        (ScoreItem((1, 2, 3), 1, np.zeros((2, 2), dtype=np.float32)), 4, r"items\[0\]\.candidate_ids: must be an integer"),
+        (ScoreItem((1, 2, 3), 1, np.zeros((2, 2), dtype=np.float32)), 4,
+         r"items\[0\]\.candidate_ids: must be an integer"),
         (ScoreItem((1, 2, 3), 1, np.array([[1], [1000]])), 4, r"items\[0\]\.candidate_ids: id 1000 at \[1, 0\]"),
         (ScoreItem((1, 2, 3), 1, np.array([[1], [-3]])), 4, r"items\[0\]\.candidate_ids: id -3"),
         (ScoreItem((1, 2, 3), 1), 0, r"k: must be an integer in 1\.\.1000"),

@@ -22,7 +22,7 @@ pytestmark = [
 
 torch = pytest.importorskip("torch")
 
-from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams  # noqa: E402
+from brts.shared.engines.base import GenerationEngine, GenerationRequest, SamplingParams  # noqa: E402 - after pytest.importorskip('torch')
 
 EOS, EOS2 = 151645, 151643  # <|im_end|>, <|endoftext|>: the Qwen2.5-Instruct generation config's EOS ids
 VOCAB = 151936

@@ -46,7 +46,7 @@ def main() -> None:
         sc, tc = batch(100 + step, 7), batch(200 + step, 5)
         if nonfinite and step == 1:
             sc[0].teacher_logprobs[:, :] = -3.0e38  # finite, but its gradients overflow to inf
-        mine = lambda seqs: seqs[info.rank :: info.world_size]  # noqa: E731
+        mine = lambda seqs: seqs[info.rank :: info.world_size]  # noqa: E731 - a one-line helper beside its one use
         stats.append(updater.step(mine(sc), mine(tc)).__dict__)
     weights = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
