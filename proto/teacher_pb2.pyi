@@ -67,7 +67,7 @@ class CandidatesRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[PromptRequest, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., logprob_k: _Optional[int] = ..., expected_teacher: _Optional[str] = ..., cache_only: _Optional[bool] = ..., packed_tokens: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("tier", "index", "token_ids", "answer", "correct", "leaked", "finish_reason", "topk_ids", "topk_logprobs", "cached", "token_ids_packed")
+    __slots__ = ("tier", "index", "token_ids", "answer", "correct", "leaked", "finish_reason", "topk_ids", "topk_logprobs", "cached", "token_ids_packed", "logprob_source")
     TIER_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Candidate(_message.Message):
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_PACKED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_SOURCE_FIELD_NUMBER: _ClassVar[int]
     tier: int
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -90,7 +91,8 @@ class Candidate(_message.Message):
     topk_logprobs: Array
     cached: bool
     token_ids_packed: Array
-    def __init__(self, tier: _Optional[int] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., leaked: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., cached: _Optional[bool] = ..., token_ids_packed: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+    logprob_source: str
+    def __init__(self, tier: _Optional[int] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., leaked: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., topk_ids: _Optional[_Union[Array, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Array, _Mapping]] = ..., cached: _Optional[bool] = ..., token_ids_packed: _Optional[_Union[Array, _Mapping]] = ..., logprob_source: _Optional[str] = ...) -> None: ...
 
 class PromptCandidates(_message.Message):
     __slots__ = ("prompt_id", "candidates", "tier2_drawn", "tier2_leaked", "cache_hit", "seconds", "missing")
@@ -149,7 +151,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "max_logprob_k", "engine", "model", "dtype")
+    __slots__ = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "max_logprob_k", "engine", "model", "dtype", "logprob_source", "logprob_temperature", "logprob_normalisation", "logprob_k_served", "engine_deterministic")
     TEACHER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,11 @@ class InfoReply(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_NORMALISATION_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_K_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     vocab_size: int
@@ -164,4 +171,9 @@ class InfoReply(_message.Message):
     engine: str
     model: str
     dtype: str
-    def __init__(self, teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_logprob_k: _Optional[int] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    logprob_source: str
+    logprob_temperature: float
+    logprob_normalisation: str
+    logprob_k_served: int
+    engine_deterministic: bool
+    def __init__(self, teacher_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_logprob_k: _Optional[int] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., logprob_source: _Optional[str] = ..., logprob_temperature: _Optional[float] = ..., logprob_normalisation: _Optional[str] = ..., logprob_k_served: _Optional[int] = ..., engine_deterministic: _Optional[bool] = ...) -> None: ...

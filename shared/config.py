@@ -207,6 +207,10 @@ class ServerConfig(_Validated):
     tensor_parallel: int = 1
     data_parallel: int = 1
     sglang_url: str | None = None
+    # where fresh candidates' top-K come from: "engine" (the engine's own numbers: decode-time for Tier 1, its
+    # prefill for the rest), "scorer" (a second, exact transformers forward over every kept candidate), "auto"
+    # (engine when the start-up probe finds it within the dtype's tolerance of the exact scorer, else scorer)
+    teacher_logprobs: Literal["auto", "engine", "scorer"] = "auto"
 
     def check(self) -> None:
         self.require(bool(self.model.strip()), "model", "must be a model directory")

@@ -24,6 +24,32 @@ from brts.shared.topk import TopK
 
 FinishReason = Literal["stop", "length"]
 
+#: Where a candidate's top-K log-probs came from (its provenance, stored with each cache entry):
+#: ``scorer``: the exact transformers forward over (original prompt + response), the reference for everything;
+#: ``engine-decode``: the engine's raw T=1 numbers taken while it sampled the response after the original prompt;
+#: ``engine-prefill``: the engine's own prompt top-K over (original prompt + response), for responses sampled
+#: after another prompt (Tier 2, perturbed) and for wider re-scores.
+SOURCE_SCORER, SOURCE_DECODE, SOURCE_PREFILL = "scorer", "engine-decode", "engine-prefill"
+LOGPROB_SOURCES = (SOURCE_SCORER, SOURCE_DECODE, SOURCE_PREFILL)
+#: How far an engine's own log-probs may sit from the exact scorer's, by the teacher's compute dtype. fp32: 1e-4
+#: nats (vLLM vs transformers measured 4.8e-7 on CPU, platform-notes §3). bf16/fp16: 0.1 nats: two batchings of
+#: the same bf16 kernels already differ by up to ~3e-2 (tests/shared/engines/test_scorer.py), decode-time and
+#: prefill kernels add their own rounding (engine-apis §4); a wrong model or tokenizer misses by whole nats.
+ENGINE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+
+
+def engine_tolerance(dtype: str) -> float:
+    """``ENGINE_TOLERANCE`` for ``dtype``; an unknown dtype gets the bf16 bound."""
+    return ENGINE_TOLERANCE.get(dtype, ENGINE_TOLERANCE["bfloat16"])
+
+
+def source_allowance(source: str, dtype: str) -> float:
+    """Extra nats a stored top-K may differ from a live exact-scorer re-score because of where it came from: none
+    for the scorer's own numbers, ``engine_tolerance(dtype)`` for an engine's (decode-time or engine prefill)."""
+    if source not in LOGPROB_SOURCES and source != "":
+        raise ValueError(f"source: must be one of {LOGPROB_SOURCES}, got {source!r}")
+    return 0.0 if source in (SOURCE_SCORER, "") else engine_tolerance(dtype)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -128,6 +154,24 @@ class GenerationEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DecodeLogprobs(Protocol):
+    """An engine that returns the teacher's raw T=1 top-K along each sample while it samples (vllm, sglang, hf)."""
+
+    def generate_with_logprobs(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int
+    ) -> list[list["SampleLogprobs"]]: ...
+
+
+@runtime_checkable
+class PrefillTopK(Protocol):
+    """An engine that scores given sequences itself: its prompt top-K at T=1 over the response of each item
+    (``candidate_ids`` are not supported: ``ScoreOutput.candidate_logprobs`` is None). The hf engine has none:
+    its prefill is the exact scorer on the same model."""
+
+    def score_via_prefill(self, items: Sequence[ScoreItem], k: int) -> list[ScoreOutput]: ...
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, max_context: int, field: str) -> None:
