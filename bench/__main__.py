@@ -9,7 +9,7 @@ others still run. The table, with the machine's description, is printed and writ
 
 Sizes: every script runs at its own defaults (the issues' sizes, or the CPU sizes its docstring gives) except
 bench_train_step, whose steps take 4 s on a quiet 2-core box but 10-25 s when other jobs share it, so its 3
-default repeats alone could take 20+ minutes; here it runs 2 repeats (4 timed steps per mode and N, the 6
+default repeats alone could take 20+ minutes; here it runs 2 repeats (4 timed steps per mode and N, the 8
 configurations still interleaved per repeat), so that `make bench` fits in about 30 minutes on a loaded box.
 ``--full`` runs every script at its own defaults. The GPU checks (gpu_check.py, gpu_update_check.py) need CUDA
 and are only run when named.
@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))  # _rows and _table, the same modules the scripts 
 from _rows import ENV, read_rows  # noqa: E402 - after the sys.path line that makes the bench scripts importable
 from _table import BenchRun, failed_row, machine_description, render_markdown, summary_json, write_summary  # noqa: E402 - after the sys.path line that makes the bench scripts importable
 
-CPU = ["bench_loss_memory", "bench_scoring_memory", "bench_generation", "bench_cache", "bench_server", "bench_update",
-       "bench_train_step"]
+CPU = ["bench_loss_memory", "bench_scoring_memory", "bench_generation", "bench_prewarm", "bench_cache", "bench_server",
+       "bench_update", "bench_train_step"]
 # what the aggregate run passes instead of a script's defaults (see the module docstring); --full drops these
 AGGREGATE_ARGS: dict[str, list[str]] = {"bench_train_step": ["--repeats", "2"]}
 

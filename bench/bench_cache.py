@@ -99,7 +99,7 @@ class SyntheticPipeline:
         self.tokens = tokens
         self._topk: dict[tuple[int, ...], Any] = {}
 
-    def draw(self, draws: Sequence[Any], sampling: Any) -> list[list[Any]]:
+    def draw(self, draws: Sequence[Any], sampling: Any, k: int | None = None) -> list[list[Any]]:
         from brts.server.pipeline import CandidateRecord
         from brts.shared.topk import TopK
 
@@ -234,9 +234,9 @@ class ReplayDraws:
         self.verifier, self.keep_leaked = pipeline.verifier, pipeline.keep_leaked
         self._memo: dict[tuple, list[Any]] = {}
 
-    def draw(self, draws: Sequence[Any], sampling: Any = None) -> list[list[Any]]:
+    def draw(self, draws: Sequence[Any], sampling: Any = None, k: int | None = None) -> list[list[Any]]:
         todo = [d for d in draws if self._key(d) not in self._memo]
-        for d, records in zip(todo, self.pipeline.draw(todo, sampling) if todo else []):
+        for d, records in zip(todo, self.pipeline.draw(todo, sampling, k) if todo else []):
             self._memo[self._key(d)] = records
         return [[dataclasses.replace(r, topk=None) for r in self._memo[self._key(d)]] for d in draws]
 

@@ -26,6 +26,12 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _sources(by_source: dict[str, dict[str, int]]) -> str:
+    """``admin.stats``'s split of the entries with a top-K by where their numbers came from, as one phrase."""
+    return ", ".join(f"{source} {row['entries']} entries ({row['tokens']} tokens)"
+                     for source, row in by_source.items()) or "none"
+
+
 _dir = click.argument("directory", type=click.Path(file_okay=False, exists=True))
 _json = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
@@ -39,7 +45,8 @@ def cache() -> None:
 @_dir
 @_json
 def stats(directory: str, as_json: bool) -> None:
-    """Entries, pools, size, bytes per token and tier composition, per teacher fingerprint."""
+    """Entries, pools, size, bytes per token and tier composition, per teacher fingerprint; entries with a top-K by
+    the source of their numbers (scorer, engine-decode, engine-prefill)."""
     from brts.server.cache import admin
 
     try:
@@ -47,13 +54,15 @@ def stats(directory: str, as_json: bool) -> None:
     except (ValueError, RuntimeError) as exc:
         _fail(exc)
     lines = [f"{s['path']}: {s['pools']} pools, {s['entries']} entries, {s['tokens']} tokens, "
-             f"{_size(s['disk_bytes'])} on disk ({s['disk_bytes_per_token']} B/token), map {_size(s['map_size'])}"]
+             f"{_size(s['disk_bytes'])} on disk ({s['disk_bytes_per_token']} B/token), map {_size(s['map_size'])}",
+             f"  top-K by source: {_sources(s['sources'])}"]
     for teacher, row in s["teachers"].items():
         lines.append(f"  teacher {teacher}: {row.get('entries', 0)} entries (tier1 {row.get('entries_tier1', 0)}, "
                      f"perturbed {row.get('entries_perturbed', 0)}, tier2 {row.get('entries_tier2', 0)} of which "
                      f"{row.get('tier2_with_topk', 0)} correct, {row.get('tier2_leaked', 0)} leaked), "
                      f"{row.get('tokens', 0)} tokens, {row['bytes_per_token']} B/token in values, "
                      f"K {row.get('max_k', 0)}")
+        lines.append(f"    top-K by source: {_sources(row['sources'])}")
     if s["damaged"]:
         lines.append(f"  {s['damaged']} damaged entries: run `brts cache verify {directory}`")
     _emit(s, as_json, lines)
@@ -73,7 +82,8 @@ def stats(directory: str, as_json: bool) -> None:
 def verify(directory: str, as_json: bool, live_n: int | None, server: str | None, seed: int,
            assume_tokenizer_matches: bool, token_file: str | None, tls_ca: str | None) -> None:
     """Re-read every entry and check its checksum; exit 1 on damage. With --live N --server HOST:PORT, also check
-    that N cached candidates still match the teacher that server runs (exit 1 beyond tolerance)."""
+    that N cached candidates still match the teacher that server runs (exit 1 beyond tolerance: the live-vs-live
+    spread, plus the engine tolerance of the server's dtype for entries whose numbers came from an engine)."""
     from brts.server.cache import admin
 
     if (live_n is None) != (server is None):
@@ -95,7 +105,8 @@ def verify(directory: str, as_json: bool, live_n: int | None, server: str | None
 
 def _verify_live(directory: str, server: str, n: int, seed: int, assume: bool, token: str | None,
                  tls_ca: str | None) -> dict[str, Any]:
-    """The --live check (server/cache/faithful.py): tokenizer record first, then the live comparison."""
+    """The --live check (server/cache/faithful.py): tokenizer record first, then the live comparison, each entry
+    held to its source's tolerance under the server's compute dtype (``Info.dtype``)."""
     import numpy as np
 
     from brts.server.cache import faithful
@@ -123,12 +134,22 @@ def _verify_live(directory: str, server: str, n: int, seed: int, assume: bool, t
         def score(seqs: list, starts: list, ids: list) -> list:
             return [r.candidate_logprobs for r in client.score(seqs, starts, [np.asarray(i) for i in ids])]
 
-        report = faithful.compare_live(samples, score)
+        report = faithful.compare_live(samples, score, dtype=info.dtype)
     verdict = "faithful" if report["faithful"] else "DRIFTED: the cache does not match the live teacher"
+    per_source = "; ".join(f"{source} ({row['candidates']}) {row['drift']:.2e} of {row['tolerance']:.1e} allowed"
+                           for source, row in report["by_source"].items())
     report["line"] = (f"live: {report['candidates']} candidates ({report['positions']} positions) of teacher "
                       f"{teacher}: worst drift {report['drift']:.2e} nats beyond the stored rounding (up to "
-                      f"{report['rounding']:.1e}), live-vs-live control spread {report['spread']:.2e}: {verdict}")
+                      f"{report['rounding']:.1e}), live-vs-live control spread {report['spread']:.2e}; by source "
+                      f"(engine numbers get {_engine_allowance(info.dtype):.1e} more for "
+                      f"{info.dtype or 'an unknown dtype'}): {per_source}: {verdict}")
     return report
+
+
+def _engine_allowance(dtype: str) -> float:
+    from brts.shared.engines.base import SOURCE_DECODE, source_allowance
+
+    return source_allowance(SOURCE_DECODE, dtype)
 
 
 @cache.command()

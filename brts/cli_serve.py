@@ -34,6 +34,9 @@ def _die(message: str) -> None:
 @click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
 @click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
 @click.option("--sglang-url", default=None, help="Use a running sglang.launch_server over HTTP instead of in-process.")
+@click.option("--teacher-logprobs", type=click.Choice(["auto", "engine", "scorer"]), default=None,
+              help="Where candidates' top-K come from: the engine's own numbers, the exact scorer's second forward, "
+                   "or auto (engine when the start-up probe finds it agrees) [auto].")
 @click.option("--teacher-fingerprint", default=None, help="Name the teacher instead of hashing its files.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port [0 = off].")
 @click.option("--metrics-host", default=None,
@@ -64,8 +67,7 @@ def _report_consistency(r: dict[str, Any]) -> None:
     if agreement is not None:
         click.echo(f"brts prewarm --check: {agreement.line()}")
     if gap is not None:
-        click.echo(f"brts prewarm --check: one cached candidate's top-K vs Score on the same tokens: {gap:.2e} nats "
-                   "beyond the stored rounding")
+        click.echo(f"brts prewarm --check: {r['cached']['line']}")
     if agreement is not None and not agreement.ok:
         _die("brts prewarm --check: the teacher disagrees with itself beyond teacher_agreement_tolerance; serve it "
              "in float32, or set the tolerance to accept it")

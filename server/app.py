@@ -241,6 +241,7 @@ def _load_and_probe(config: ServerConfig, teacher_override: str | None, running:
     try:
         runtime = build_runtime(config, teacher_override)
         report = probe_teacher(runtime, config.probe_timeout_s)
+        runtime.apply_probe(report)
     except BaseException as exc:
         running.fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if runtime is not None:
@@ -248,6 +249,7 @@ def _load_and_probe(config: ServerConfig, teacher_override: str | None, running:
         raise
     running.attach(runtime)
     echo(f"brts serve: {report.line()}")
+    echo(f"brts serve: {report.mode_line()}")
     return runtime
 
 

@@ -17,8 +17,9 @@ process, as in the tests, do not collide). What each counts, in the words of the
   (entries another call had drawn count where they were drawn, once);
 - ``brts_tier2_total{event}``: hinted samples drawn (``attempt``), and each one's outcome: correct without
   leaking the answer (``rescue``), dropped for leaking it (``leak``), or wrong (``wrong``);
-- ``brts_engine_seconds_total``, ``brts_scorer_seconds_total``: time inside the engine's generation and the
-  exact scorer's calls.
+- ``brts_engine_seconds_total``, ``brts_scorer_seconds_total``: time inside the engine's generation (with or
+  without its decode-time top-K), and inside scoring: the exact scorer's calls plus, in engine mode, the engine's
+  own prefill scoring (``score_via_prefill``), so the second counter is all the time spent re-reading candidates.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class ServerMetrics:
         self.tokens = Counter("brts_tokens_generated", "Tokens of the candidates drawn by this server", registry=r)
         self.tier2 = Counter("brts_tier2", "Hinted (Tier-2) samples: attempts, rescues, leaks", ["event"], registry=r)
         self.engine_seconds = Counter("brts_engine_seconds", "Seconds inside the engine's generation", registry=r)
-        self.scorer_seconds = Counter("brts_scorer_seconds", "Seconds inside the exact scorer", registry=r)
+        self.scorer_seconds = Counter("brts_scorer_seconds", "Seconds inside scoring (exact scorer, engine prefill)",
+                                      registry=r)
 
     # -- RPCs -------------------------------------------------------------------------------------------------
     def unary(self, method: str, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -123,6 +125,8 @@ class ServerMetrics:
         pipeline = runtime.pipeline
         timed = {name: self.timed(self.engine_seconds, getattr(pipeline.engine, name))
                  for name in ("generate", "generate_with_logprobs") if hasattr(pipeline.engine, name)}
+        if hasattr(pipeline.engine, "score_via_prefill"):
+            timed["score_via_prefill"] = self.timed(self.scorer_seconds, pipeline.engine.score_via_prefill)
         engine = _Timed(pipeline.engine, timed)
         scorer = _Timed(runtime.scorer, {"score": self.timed(self.scorer_seconds, runtime.scorer.score)})
         pipeline.engine, pipeline.scorer, runtime.scorer = engine, scorer, scorer

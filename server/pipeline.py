@@ -11,6 +11,15 @@ The LMDB cache (``brts.server.cache``) only reads, claims and commits, and asks 
 for every kept candidate, so a serving engine sees the whole batch at once (the reference generates per student
 row, with HF ``generate``, every step: §10).
 
+Where the top-K comes from (``logprob_mode``, the server's ``teacher_logprobs`` once the start-up probe resolved
+it): in ``scorer`` mode every kept candidate is re-read by the exact scorer, a second full forward of the teacher.
+In ``engine`` mode the engine's own numbers are used (engine-apis §4): a Tier-1 sample drawn after the original
+prompt keeps the raw T=1 top-K the engine computed while sampling it (``SOURCE_DECODE``: no second forward); a
+sample drawn after another prompt (Tier 2, perturbed) and a wider re-score of a stored entry go through the
+engine's prefill over (original prompt + response) (``SOURCE_PREFILL``), or, for an engine without one (hf),
+through the exact scorer on the same weights (``SOURCE_SCORER``). Each record carries its source; the cache
+stores it with the entry.
+
 What the reference gets wrong and we do not:
 - Tier 2 runs only for prompts whose Tier-1 window is all wrong (the reference hints the whole batch).
 - Hinted samples that talk about the key are recorded with ``leaked=True`` and not kept (§10 item 8).
@@ -22,15 +31,22 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 from brts.shared.answers import extract_boxed
 from brts.shared.engines.base import (
+    SOURCE_DECODE,
+    SOURCE_PREFILL,
+    SOURCE_SCORER,
+    DecodeLogprobs,
     GenerationEngine,
     GenerationRequest,
+    PrefillTopK,
     SamplingParams,
     ScoreItem,
+    ScoreOutput,
     Scorer,
 )
 from brts.shared.hints import hinted_prompt_ids, leaks
@@ -41,6 +57,8 @@ TIER1, TIER2 = 1, 2
 DEFAULT_PERTURBATION = "Please reason step by step and rethink in detail before giving the final answer."
 DRAW, RESCORE = "draw", "rescore"
 EntryWork = Literal["draw", "rescore"]
+ENGINE, SCORER = "engine", "scorer"
+LogprobMode = Literal["engine", "scorer"]
 
 
 def pool_sample_seed(seed: int, pool_key: bytes | str, index: int) -> int:
@@ -130,6 +148,13 @@ def tier2_kept(correct: bool, leaked: bool, scored: bool, keep_leaked: bool) -> 
     return correct and (keep_leaked or not leaked) and scored
 
 
+def decode_topk_kept(mode: str, tier: int, perturbed: bool) -> bool:
+    """Does a fresh sample keep the top-K the engine computed while sampling it? Only in engine mode and only when
+    it was sampled after the ORIGINAL prompt (a Tier-1, unperturbed draw): the numbers a Tier-2 or perturbed draw
+    comes with are conditioned on the hinted or perturbed prompt, never a distillation target (§4.4, §11)."""
+    return mode == ENGINE and tier == TIER1 and not perturbed
+
+
 def entry_work(stored: bool, stored_k: int | None, k: int) -> EntryWork | None:
     """What a wanted pool entry needs before it is served with a top-K of width ``k``: ``DRAW`` when it does not
     exist, ``RESCORE`` when its stored top-K is narrower than asked (scored again wider, never drawn again), else
@@ -172,6 +197,7 @@ class CandidateRecord:
     leaked: bool = False
     perturbed: bool = False
     topk: TopK | None = None
+    source: str = SOURCE_SCORER  # where ``topk`` came from (engines/base.py LOGPROB_SOURCES)
 
 
 class CandidatePipeline:
@@ -190,6 +216,7 @@ class CandidatePipeline:
         logprob_k: int = 16,
         verifier: BoundedVerifier | None = None,
         keep_leaked: bool = False,
+        logprob_mode: LogprobMode = SCORER,
     ) -> None:
         if logprob_k < 1:
             raise ValueError(f"logprob_k: must be >= 1, got {logprob_k}")
@@ -197,7 +224,27 @@ class CandidatePipeline:
         self.sampling, self.logprob_k = sampling, logprob_k
         self.verifier, self.keep_leaked = verifier, keep_leaked
         self.engine_calls = 0  # generation calls made (the server reports it; tests check batching with it)
-        self.score_calls = 0
+        self.score_calls = 0  # scoring calls made (exact scorer or engine prefill)
+        self.draw_seconds = 0.0  # wall time in engine generation calls (bench_prewarm reads both)
+        self.score_seconds = 0.0  # wall time in scoring calls
+        self.logprob_mode: LogprobMode = SCORER
+        self.set_logprob_mode(logprob_mode)
+
+    def set_logprob_mode(self, mode: str) -> None:
+        """Switch where fresh top-Ks come from (the server does it once, before SERVING, from the probe)."""
+        if mode not in (ENGINE, SCORER):
+            raise ValueError(f"teacher_logprobs: must be {ENGINE!r} or {SCORER!r} once resolved, got {mode!r}")
+        if mode == ENGINE and not isinstance(self.engine, DecodeLogprobs):
+            raise ValueError(f"teacher_logprobs: the {getattr(self.engine, 'name', '?')} engine returns no "
+                             "log-probs while sampling; use scorer")
+        self.logprob_mode = mode  # type: ignore[assignment]
+
+    def _prefill(self) -> tuple[Callable[[Sequence[ScoreItem], int], list[ScoreOutput]], str]:
+        """What scores a response after its original prompt: the engine's prefill in engine mode when it has one,
+        else the exact scorer (for hf, the same weights: its prefill is the scorer)."""
+        if self.logprob_mode == ENGINE and isinstance(self.engine, PrefillTopK):
+            return self.engine.score_via_prefill, SOURCE_PREFILL
+        return self.scorer.score, SOURCE_SCORER
 
     def _perturbed_ids(self, job: PromptJob) -> tuple[int, ...]:
         """The reference appends the perturbation's ids right after the templated prompt (§11)."""
@@ -229,23 +276,46 @@ class CandidatePipeline:
             for i, g, text in zip(draw.indices, gens, texts)
         ]
 
-    def draw(self, draws: Sequence[PoolDraw], sampling: SamplingParams | None = None) -> list[list[CandidateRecord]]:
+    def draw(self, draws: Sequence[PoolDraw], sampling: SamplingParams | None = None,
+             k: int | None = None) -> list[list[CandidateRecord]]:
         """Sample every draw in ONE engine call; records carry their answer and leak flag, not a verdict.
 
         The cache decides which pool entries are missing, which seeds they take and which are judged. A Tier-2
         draw samples after the hinted prompt, a perturbed one after the perturbed prompt; neither is ever a
-        scoring context (see ``score``).
+        scoring context (see ``score``). In engine mode the call also returns the engine's top-K of width ``k``
+        (default ``logprob_k``), kept where ``decode_topk_kept`` says so.
         """
         requests = [GenerationRequest(self.sampling_prompt(d.job, d.tier, d.perturbed), tuple(d.seeds)) for d in draws]
-        outputs = self.engine.generate(requests, sampling or self.sampling) if requests else []
-        self.engine_calls += bool(requests)
-        return [self._records(d, gens) for d, gens in zip(draws, outputs)]
+        if not requests:
+            return []
+        sampling, width = sampling or self.sampling, k or self.logprob_k
+        start = time.monotonic()
+        if self.logprob_mode == ENGINE and any(decode_topk_kept(ENGINE, d.tier, d.perturbed) for d in draws):
+            with_topk = self.engine.generate_with_logprobs(requests, sampling, width)  # type: ignore[attr-defined]
+            outputs = [[s.generation for s in per] for per in with_topk]
+        else:
+            with_topk, outputs = None, self.engine.generate(requests, sampling)
+        self.draw_seconds += time.monotonic() - start
+        self.engine_calls += 1
+        records = [self._records(d, gens) for d, gens in zip(draws, outputs)]
+        for n, d in enumerate(draws):
+            if with_topk is not None and decode_topk_kept(ENGINE, d.tier, d.perturbed):
+                for record, sample in zip(records[n], with_topk[n]):
+                    record.topk, record.source = sample.topk, SOURCE_DECODE
+        return records
 
     def score(self, pairs: Sequence[tuple[Sequence[int], CandidateRecord]], k: int | None = None) -> None:
-        """Attach the teacher's top-K to each (ORIGINAL prompt ids, record) pair, in one scorer call."""
-        items = [ScoreItem(tuple(prompt) + record.token_ids, len(prompt)) for prompt, record in pairs]
-        if not items:
+        """Attach the teacher's top-K to each (ORIGINAL prompt ids, record) pair that has none of width ``k``
+        yet, in one call: the exact scorer, or in engine mode the engine's prefill (``_prefill``)."""
+        width = k or self.logprob_k
+        todo = [(prompt, record) for prompt, record in pairs if record.topk is None or record.topk.k < width]
+        if not todo:
             return
+        items = [ScoreItem(tuple(prompt) + record.token_ids, len(prompt)) for prompt, record in todo]
+        score, source = self._prefill()
+        start = time.monotonic()
+        outputs = score(items, width)
+        self.score_seconds += time.monotonic() - start
         self.score_calls += 1
-        for (_, record), output in zip(pairs, self.scorer.score(items, k or self.logprob_k)):
-            record.topk = output.topk
+        for (_, record), output in zip(todo, outputs):
+            record.topk, record.source = output.topk, source

@@ -4,6 +4,12 @@ Why as a client: the prompt ids are built by the same ``PromptSpec`` the trainer
 hit exactly what prewarm stored, and the server keeps the single writer and single flight. Re-running skips
 what is cached (the server answers cached prompts from a snapshot read), so a killed prewarm just runs again;
 ``check`` asks for a sample with generation disabled, so a prompt-format mismatch shows before training.
+
+``check`` also holds one cached candidate against ``Score`` on the same tokens. Its tolerance is the teacher
+agreement tolerance (how much one re-score may differ from another) plus ``source_allowance(source, dtype)``: 0
+when the candidate's numbers came from the exact scorer (``Candidate.logprob_source`` "scorer", or "" from a
+server older than the field), ``engine_tolerance(dtype)`` when they came from an engine, whose decode-time or
+prefill kernels differ from the scorer's by more than the scorer differs from itself.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from brts.shared.agreement import check_agreement
 from brts.shared.client import Prompt, PromptCandidates, Sampling, TeacherClient
 from brts.shared.config import PrewarmConfig
 from brts.shared.data import Problem, filter_by_prompt_length, load_dataset
+from brts.shared.engines.base import LOGPROB_SOURCES, SOURCE_SCORER, source_allowance
 from brts.shared.prompts import PromptSpec
 
 CHECK_SAMPLE = 64
@@ -130,15 +137,44 @@ def check(cfg: PrewarmConfig, client: TeacherClient, sampling: Sampling | None =
         if prompts else None
     by_id = {p.prompt_id: p for p in prompts}
     cached = next(((by_id[r.prompt_id], c) for r in results for c in r.candidates if c.topk_ids is not None), None)
+    compared = tolerance = None
+    if agreement is not None:
+        tolerance = agreement.tolerance
+        if cached is not None:
+            compared = check_cached(client, *cached, agreement.tolerance, dtype)
+            tolerance = compared["tolerance"]  # what cached_vs_score is held to: widened by the candidate's source
     return {"asked": len(results), "complete": hits, "hit_rate": hits / max(len(results), 1),
             "partial": sum(0 < r.missing and r.candidates != [] for r in results),
-            "agreement": agreement, "cached_vs_score": None if cached is None else cached_vs_score(client, *cached),
-            "tolerance": None if agreement is None else agreement.tolerance}
+            "agreement": agreement, "cached_vs_score": None if compared is None else compared["drift"],
+            "cached": compared,  # the one cached candidate's comparison: source, drift, tolerance, verdict, line
+            "tolerance": tolerance}
+
+
+def check_cached(client: TeacherClient, prompt: Prompt, candidate: Any, base_tolerance: float,
+                 dtype: str) -> dict[str, Any]:
+    """``cached_vs_score`` of one candidate, held to ``base_tolerance`` (the teacher's agreement tolerance) plus
+    the allowance of the source its numbers came from under the teacher's ``dtype``: a dict with the source, drift,
+    allowance, tolerance, verdict (``ok``) and a line saying all of it."""
+    source = candidate.logprob_source or SOURCE_SCORER  # "" from an older server: its numbers were the scorer's
+    if source not in LOGPROB_SOURCES:
+        raise ValueError(f"the server sent candidates whose log-prob source is {source!r}, which this brts does not "
+                         f"know ({', '.join(LOGPROB_SOURCES)}): update brts on this side")
+    allowance = source_allowance(source, dtype)
+    drift = cached_vs_score(client, prompt, candidate)
+    tolerance = base_tolerance + allowance
+    ok = drift <= tolerance
+    line = (f"one cached candidate's top-K vs Score on the same tokens: {drift:.2e} nats beyond the stored "
+            f"rounding; {source} log-probs, tolerance {tolerance:.1e} (agreement {base_tolerance:.1e} + "
+            f"{allowance:.1e} for {source} numbers in {dtype or 'an unknown dtype'}): "
+            f"{'ok' if ok else 'BEYOND TOLERANCE'}")
+    return {"source": source, "drift": drift, "allowance": allowance, "tolerance": tolerance, "ok": ok,
+            "line": line}
 
 
 def cached_vs_score(client: TeacherClient, prompt: Prompt, candidate: Any) -> float:
     """Largest |cached - Score| log-prob, at the cached top-K ids of one candidate, after its original prompt,
-    beyond the rounding of the stored value (the server sends the stored dtype): ``faithful.drift_report``'s rule."""
+    beyond the rounding of the stored value (the server sends the stored dtype): ``faithful.drift_report``'s drift
+    (the tolerance it is held to, by its source, is ``check_cached``'s)."""
     seq = list(prompt.prompt_ids) + [int(t) for t in candidate.token_ids]
     ids = np.asarray(candidate.topk_ids)
     (live,) = client.score([seq], [len(prompt.prompt_ids)], [ids], logprob_k=int(ids.shape[1]))

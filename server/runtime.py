@@ -14,6 +14,7 @@ from typing import Any
 from brts.server.cache import CandidateCache
 from brts.server.fingerprint import teacher_fingerprint
 from brts.server.pipeline import CandidatePipeline
+from brts.server.probe import ProbeReport
 from brts.shared.config import ServerConfig
 from brts.shared.engines.base import GenerationEngine, SamplingParams, Scorer
 from brts.shared.engines.registry import make_teacher
@@ -49,6 +50,16 @@ class TeacherRuntime:
         if model is not None:
             return str(next(model.parameters()).dtype).removeprefix("torch.")
         return self.config.dtype
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the engine's numbers do not depend on how requests are batched (``Info``): the engine says."""
+        return bool(getattr(self.engine, "deterministic", False))
+
+    def apply_probe(self, report: ProbeReport) -> None:
+        """Serve what the start-up probe resolved ``teacher_logprobs`` to (before SERVING: no call races it)."""
+        self.pipeline.set_logprob_mode(report.logprob_mode)
+        log.info("teacher log-probs: %s", report.mode_line())
 
     @property
     def max_context(self) -> int:

@@ -25,7 +25,7 @@ from brts.server.metrics import ServerMetrics
 from brts.server.pipeline import PromptJob
 from brts.server.runtime import TeacherRuntime
 from brts.server.validation import Limits, RequestError, candidates_call, check_generation_fits, score_items
-from brts.server.wire import encode_prompt
+from brts.server.wire import candidate_source, encode_prompt
 from brts.shared.engines.base import SamplingParams, ScoreItem, ScoreOutput
 from brts.shared.topk import to_proto
 
@@ -120,7 +120,8 @@ def prompt_message(served: ServedPrompt, packed_tokens: bool = False) -> Any:
     )
     for c in served.candidates:
         cand = msg.candidates.add(tier=c.tier, index=c.index, answer=c.answer or "", correct=c.correct,
-                                  leaked=c.leaked, finish_reason=c.finish_reason, cached=c.cached)
+                                  leaked=c.leaked, finish_reason=c.finish_reason, cached=c.cached,
+                                  logprob_source=candidate_source(c))
         if packed_tokens:
             to_proto(c.token_ids, "int32", cand.token_ids_packed)
         else:
@@ -261,5 +262,7 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         return teacher_pb2.InfoReply(
             teacher_fingerprint=rt.fingerprint, tokenizer_fingerprint=rt.tokenizer_fingerprint,
             vocab_size=rt.vocab_size, max_logprob_k=rt.config.max_logprob_k, engine=rt.engine.name,
-            model=str(rt.config.model), dtype=rt.dtype,
+            model=str(rt.config.model), dtype=rt.dtype, logprob_source=rt.pipeline.logprob_mode,
+            logprob_temperature=1.0, logprob_normalisation="full-logits", logprob_k_served=rt.config.max_logprob_k,
+            engine_deterministic=rt.deterministic,
         )

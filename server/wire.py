@@ -18,7 +18,7 @@ import numpy as np
 from brts.proto import teacher_pb2
 from brts.shared.topk import DTYPES
 
-__all__ = ["encode_prompt", "serialize_reply"]
+__all__ = ["candidate_source", "encode_prompt", "serialize_reply"]
 
 _LEN = 2  # wire type of length-delimited fields
 _CANDIDATES = 2  # PromptCandidates.candidates
@@ -52,6 +52,11 @@ def _array(number: int, array: np.ndarray, dtype: str) -> list[bytes]:
     return [_field(number, size), *body]
 
 
+def candidate_source(candidate: Any) -> str:
+    """``Candidate.logprob_source``: where its top-K came from, "" when it has none (an unkept attempt)."""
+    return candidate.source if candidate.topk is not None else ""
+
+
 def encode_prompt(served: Any) -> bytes:
     """The encoded ``PromptCandidates`` of ``service.prompt_message(served, packed_tokens=True)``."""
     parts = [teacher_pb2.PromptCandidates(
@@ -59,8 +64,8 @@ def encode_prompt(served: Any) -> bytes:
         cache_hit=served.cache_hit, seconds=served.seconds, missing=served.missing).SerializeToString()]
     for c in served.candidates:
         small = teacher_pb2.Candidate(tier=c.tier, index=c.index, answer=c.answer or "", correct=c.correct,
-                                      leaked=c.leaked, finish_reason=c.finish_reason,
-                                      cached=c.cached).SerializeToString()
+                                      leaked=c.leaked, finish_reason=c.finish_reason, cached=c.cached,
+                                      logprob_source=candidate_source(c)).SerializeToString()
         fields = [small, *_array(_TOKENS_PACKED, c.token_ids, "int32")]
         if c.topk is not None:
             fields += _array(_TOPK_IDS, c.topk.ids, "int32")

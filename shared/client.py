@@ -57,6 +57,9 @@ class Candidate:
     topk_ids: np.ndarray | None
     topk_logprobs: np.ndarray | None
     cached: bool
+    # where the top-K came from (brts.shared.engines.base.LOGPROB_SOURCES): it sets how closely a re-score must
+    # match (prewarm --check); "" from a server older than the field, whose numbers were the scorer's
+    logprob_source: str = ""
 
 
 @dataclass
@@ -87,6 +90,12 @@ class ServerInfo:
     engine: str
     model: str
     dtype: str = ""  # the teacher's compute dtype; "" from a server older than the field
+    # the log-prob contract of fresh candidates (InfoReply 8-12; "" / 0 / False from older servers)
+    logprob_source: str = ""
+    logprob_temperature: float = 0.0
+    logprob_normalisation: str = ""
+    logprob_k_served: int = 0
+    engine_deterministic: bool = False
 
 
 @dataclass
@@ -113,10 +122,17 @@ def _candidates(msg: Any) -> PromptCandidates:
         cands.append(Candidate(
             c.tier, c.index, tokens, c.answer, c.correct, c.leaked, c.finish_reason,
             from_proto(c.topk_ids, "topk_ids") if has else None,
-            from_proto(c.topk_logprobs, "topk_logprobs") if has else None, c.cached,
+            from_proto(c.topk_logprobs, "topk_logprobs") if has else None, c.cached, c.logprob_source,
         ))
     return PromptCandidates(msg.prompt_id, cands, msg.tier2_drawn, msg.tier2_leaked, msg.cache_hit, msg.seconds,
                             msg.missing, msg.ByteSize())
+
+
+def _server_info(r: Any) -> ServerInfo:
+    """An ``InfoReply`` as a ``ServerInfo`` (fields a server older than them leaves out read "" / 0 / False)."""
+    return ServerInfo(r.teacher_fingerprint, r.tokenizer_fingerprint, r.vocab_size, r.max_logprob_k, r.engine,
+                      r.model, r.dtype, r.logprob_source, r.logprob_temperature, r.logprob_normalisation,
+                      r.logprob_k_served, r.engine_deterministic)
 
 
 @dataclass
@@ -184,9 +200,7 @@ class TeacherClient:
         raise AssertionError("unreachable")
 
     def get_info(self) -> ServerInfo:
-        r = self._unary(self._stub.Info, teacher_pb2.InfoRequest())
-        return ServerInfo(r.teacher_fingerprint, r.tokenizer_fingerprint, r.vocab_size, r.max_logprob_k, r.engine,
-                          r.model, r.dtype)
+        return _server_info(self._unary(self._stub.Info, teacher_pb2.InfoRequest()))
 
     def get_candidates(self, prompts: Sequence[Prompt], sampling: Sampling | None = None, logprob_k: int = 0,
                        cache_only: bool = False) -> Iterator[PromptCandidates]:

@@ -39,7 +39,7 @@ def test_field_numbers_match_the_contract():
     }
     assert _numbers(teacher_pb2.Candidate) == {
         "tier": 1, "index": 2, "token_ids": 3, "answer": 4, "correct": 5, "leaked": 6, "finish_reason": 7,
-        "topk_ids": 8, "topk_logprobs": 9, "cached": 10, "token_ids_packed": 11,
+        "topk_ids": 8, "topk_logprobs": 9, "cached": 10, "token_ids_packed": 11, "logprob_source": 12,
     }
     assert _numbers(teacher_pb2.PromptCandidates) == {
         "prompt_id": 1, "candidates": 2, "tier2_drawn": 3, "tier2_leaked": 4, "cache_hit": 5, "seconds": 6,
@@ -48,10 +48,12 @@ def test_field_numbers_match_the_contract():
     assert _numbers(teacher_pb2.ScoreItem) == {"token_ids": 1, "response_start": 2, "candidate_ids": 3}
     assert _numbers(teacher_pb2.ScoreRequest) == {"items": 1, "logprob_k": 2}
     assert _numbers(teacher_pb2.ScoreResult) == {"candidate_logprobs": 1, "topk_ids": 2, "topk_logprobs": 3}
-    # dtype (7) came with the start-up probe (issue #17)
+    # dtype (7) came with the start-up probe (issue #17), the log-prob contract (8-12) and Candidate.logprob_source
+    # (12) with the engines' own log-probs (issue #21)
     assert _numbers(teacher_pb2.InfoReply) == {
         "teacher_fingerprint": 1, "tokenizer_fingerprint": 2, "vocab_size": 3, "max_logprob_k": 4, "engine": 5,
-        "model": 6, "dtype": 7,
+        "model": 6, "dtype": 7, "logprob_source": 8, "logprob_temperature": 9, "logprob_normalisation": 10,
+        "logprob_k_served": 11, "engine_deterministic": 12,
     }
     methods = {
         m.name: (m.input_type.name, m.output_type.name, m.server_streaming)

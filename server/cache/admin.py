@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from brts.server.cache.codec import CorruptEntryError, check_value, decode_entry, decode_pool
 from brts.server.cache.keys import POOL_KEY_BYTES, split_entry_key, split_name_key
 from brts.server.cache.store import CacheError, LmdbStore
+from brts.shared.engines.base import LOGPROB_SOURCES
 
 GC_BATCH = 2000
 
@@ -32,11 +33,19 @@ def _pools(store: LmdbStore, txn: Any) -> dict[bytes, Any]:
     return headers
 
 
+def _by_source(rows: Any) -> dict[str, dict[str, int]]:
+    """``{source: {"entries", "tokens"}}`` in ``LOGPROB_SOURCES`` order, sources with no entry left out."""
+    return {source: dict(rows[source]) for source in LOGPROB_SOURCES if source in rows}
+
+
 def stats(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Entries, pools, bytes and tokens, per teacher fingerprint and tier (Tier-2 attempts and kept ones)."""
+    """Entries, pools, bytes and tokens, per teacher fingerprint and tier (Tier-2 attempts and kept ones), and the
+    entries with a top-K split by where their numbers came from (``sources``: the exact scorer or an engine), since
+    engine numbers are held to a wider tolerance (``brts cache verify --live``)."""
     with LmdbStore(path, readonly=True) as store, store.read() as txn:
         headers = _pools(store, txn)
         per: dict[str, dict[str, Any]] = defaultdict(lambda: defaultdict(int))
+        sources: dict[str, Any] = defaultdict(lambda: defaultdict(lambda: {"entries": 0, "tokens": 0}))
         for header in headers.values():
             if header is not None:
                 per[header.teacher][f"pools_{header.kind}"] += 1
@@ -49,7 +58,8 @@ def stats(path: str | os.PathLike[str]) -> dict[str, Any]:
             except CorruptEntryError:
                 damaged += 1
                 continue
-            row = per[header.teacher if header is not None else "?"]
+            teacher = header.teacher if header is not None else "?"
+            row = per[teacher]
             row["entries"] += 1
             row["tokens"] += int(entry.token_ids.size)
             row["value_bytes"] += len(value)
@@ -59,19 +69,29 @@ def stats(path: str | os.PathLike[str]) -> dict[str, Any]:
                 row["tier2_with_topk"] += entry.topk is not None
                 row["tier2_leaked"] += entry.leaked
             row["max_k"] = max(row["max_k"], entry.k)
+            if entry.topk is not None:
+                by = sources[teacher][entry.source]
+                by["entries"] += 1
+                by["tokens"] += int(entry.token_ids.size)
         teachers = {}
         for teacher, row in per.items():
             row = dict(row)
             row["bytes_per_token"] = round(row.get("value_bytes", 0) / max(row.get("tokens", 0), 1), 2)
+            row["sources"] = _by_source(sources.get(teacher, {}))
             teachers[teacher] = row
         names = txn.stat(store.db["names"])["entries"]
         disk, map_size = store.disk_bytes(), store.map_size()
     total_tokens = sum(r.get("tokens", 0) for r in teachers.values())
+    totals: dict[str, Any] = defaultdict(lambda: {"entries": 0, "tokens": 0})
+    for row in teachers.values():
+        for source, counts in row["sources"].items():
+            totals[source]["entries"] += counts["entries"]
+            totals[source]["tokens"] += counts["tokens"]
     return {
         "path": str(Path(path)), "disk_bytes": disk, "map_size": map_size, "pools": len(headers),
         "entries": sum(r.get("entries", 0) for r in teachers.values()), "tokens": total_tokens,
         "disk_bytes_per_token": round(disk / max(total_tokens, 1), 2), "prompt_names": names,
-        "damaged": damaged, "teachers": teachers,
+        "damaged": damaged, "sources": _by_source(totals), "teachers": teachers,
     }
 
 

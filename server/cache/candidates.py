@@ -6,7 +6,7 @@ a prompt wants, when Tier 2 fires, what is scored and what is kept are the pipel
 1. read every wanted Tier-1 entry (``tier1_slots``) in one snapshot;
 2. claim the ones with work to do (``entry_work``; single flight: an entry another thread is generating is waited
    for, not generated again), draw them all in one engine call with seeds from ``pool_sample_seed``, score them
-   all in one scorer call, and commit them in one transaction;
+   all in one scoring call (the exact scorer, or the engine in engine mode), and commit them in one transaction;
 3. judge every entry's stored answer against THIS request's ground truth, and for the prompts where Tier 2 fires
    do the same for the Tier-2 attempts (their pool key holds the ground truth and the hint version);
 4. build every reply from the bytes read back from LMDB, so a fresh reply and every later cached one are
@@ -47,7 +47,7 @@ from brts.server.pipeline import (
     tier2_indices,
     tier2_kept,
 )
-from brts.shared.engines.base import SamplingParams
+from brts.shared.engines.base import SOURCE_SCORER, SamplingParams
 from brts.shared.topk import TopK
 from brts.shared.verify import answers_correct_batch
 
@@ -72,6 +72,7 @@ class ServedCandidate:
     topk: TopK | None
     cached: bool
     perturbed: bool = False
+    source: str = SOURCE_SCORER  # where ``topk`` came from (stored with the entry; engines/base.py)
 
 
 @dataclass
@@ -232,7 +233,8 @@ class CandidateCache:
     def _serve(self, entry: Entry, correct: bool, k: int, fresh: bool) -> ServedCandidate:
         topk = entry.topk.slice_k(min(k, entry.k)) if entry.topk is not None else None
         return ServedCandidate(entry.tier, entry.index, entry.token_ids, entry.answer, correct, entry.leaked,
-                               entry.finish_reason, topk, cached=not fresh, perturbed=entry.perturbed)
+                               entry.finish_reason, topk, cached=not fresh, perturbed=entry.perturbed,
+                               source=entry.source)
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _read(self, wants: Sequence[_Want]) -> dict[bytes, Entry]:
@@ -303,7 +305,7 @@ class CandidateCache:
         missing = [w for w in wants if self._work(w, found, k) == DRAW]
         rescore = [w for w in wants if self._work(w, found, k) == RESCORE]
         with self._engine_lock:
-            made = self._draw(missing, sampling, seed)
+            made = self._draw(missing, sampling, seed, max(k, self.store_k))
             pairs = [(w.job.prompt_ids, record) for w, record, _, scored in made if scored]
             old = []
             for w in rescore:
@@ -317,17 +319,18 @@ class CandidateCache:
         values: list[tuple[_Want, bytes]] = []
         for w, record, s, _ in made:
             entry = Entry(w.tier, w.index, np.asarray(record.token_ids, dtype=np.int32), record.finish_reason,
-                          record.answer, record.leaked, record.perturbed, record.topk, seed=s, created=now)
+                          record.answer, record.leaked, record.perturbed, record.topk, seed=s, created=now,
+                          source=record.source)
             values.append((w, encode_entry(entry, self.logprob_dtype)))
         for w, e, record in old:
-            e.topk = record.topk
+            e.topk, e.source = record.topk, record.source
             values.append((w, encode_entry(e, self.logprob_dtype)))
         self._commit(values, now)
         self.generated += len(made)
         self.rescored += len(old)
 
-    def _draw(self, missing: Sequence[_Want], sampling: SamplingParams,
-              seed: int) -> list[tuple[_Want, CandidateRecord, int, bool]]:
+    def _draw(self, missing: Sequence[_Want], sampling: SamplingParams, seed: int,
+              k: int) -> list[tuple[_Want, CandidateRecord, int, bool]]:
         """Draw the missing entries in one engine call, one request per pool, with their ``pool_sample_seed``;
         per entry: the record, its seed, and whether it is scored (``scored_when_drawn``, after judging once
         the attempts whose scoring waits on a verdict, ``judged_when_drawn``, in one verifier batch)."""
@@ -340,7 +343,8 @@ class CandidateCache:
                      tuple(pool_sample_seed(seed, w.address.key, w.index) for w in ws), perturbed=perturbed)
             for (_, perturbed), ws in groups.items()
         ]
-        drawn = [(w, record, s) for ws, records, d in zip(groups.values(), self.pipeline.draw(draws, sampling), draws)
+        records_of = self.pipeline.draw(draws, sampling, k)
+        drawn = [(w, record, s) for ws, records, d in zip(groups.values(), records_of, draws)
                  for w, record, s in zip(ws, records, d.seeds)]
         judge = [n for n, (w, _, _) in enumerate(drawn) if judged_when_drawn(w.tier)]
         verdicts = self._verdicts([drawn[n][1].answer for n in judge], [drawn[n][0].job.ground_truth for n in judge])

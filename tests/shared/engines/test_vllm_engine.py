@@ -169,7 +169,7 @@ def test_start_up_probe_compares_the_engine_with_the_exact_scorer(engine, tiny, 
     print(report.line())  # shown with -s: the figure for the notes
     assert report.tokens >= 1 and report.engine_gap is not None and report.engine_gap <= 1e-4, report
     other = build_tiny_qwen2(tiny[0].parent / "other-teacher", seed=1)
-    with pytest.raises(ProbeError, match=r"vllm engine's log-probs differ from the exact scorer's by .* float32"):
+    with pytest.raises(ProbeError, match=r"the vllm engine's .*the exact scorer's .* float32"):
         probe_teacher(_probe_runtime(engine, other, tiny[0]), timeout_s=600)
 
 
@@ -256,3 +256,186 @@ def test_bad_seeds_and_budget_raise(engine):
 def test_empty_batch_and_seedless_request(engine):
     assert engine.generate([], SamplingParams(max_new_tokens=2)) == []
     assert engine.generate([GenerationRequest(_prompt(4), ())], SamplingParams(max_new_tokens=2)) == [[]]
+
+
+# ---------------------------------------------------------------------- score_via_prefill (issue #21)
+
+PREFILL_ITEMS = [  # (length, response_start): left-padded lengths, a one-row response, a sequence filling the context
+    (20, 5), (33, 32), (MAX_LEN, 200), (12, 1), (47, 20),
+]
+
+
+def _prefill_items() -> list:
+    from brts.shared.engines.base import ScoreItem
+
+    return [ScoreItem(_prompt(n, 3 * n), r) for n, r in PREFILL_ITEMS]
+
+
+def test_prefill_topk_matches_the_torch_scorer(engine, tiny):
+    """vLLM's prompt top-K (unprocessed T=1) equals an fp32 transformers forward within 1e-4, for every row
+    including the last of a sequence as long as the context (sent as prompt[:-1] + one generated position)."""
+    from brts.shared.engines.base import PrefillTopK, ScoreItem
+    from brts.shared.engines.scorer import TorchScorer
+
+    assert isinstance(engine, PrefillTopK) and engine.deterministic is False
+    scorer = TorchScorer(tiny[1], max_context=MAX_LEN)
+    items, k = _prefill_items(), 16
+    out = engine.score_via_prefill(items, k)
+    assert len(out) == len(items)
+    worst = 0.0
+    for item, res in zip(items, out):
+        rows = len(item.token_ids) - item.response_start
+        assert res.candidate_logprobs is None and res.topk.ids.shape == (rows, k)
+        assert (res.topk.ids >= 0).all()  # vLLM always returns k entries here: nothing padded
+        (ref,) = scorer.score([ScoreItem(item.token_ids, item.response_start, res.topk.ids.astype(np.int64))], k)
+        worst = max(worst, float(np.abs(ref.topk.logprobs - res.topk.logprobs).max()),
+                    float(np.abs(ref.candidate_logprobs - res.topk.logprobs).max()))
+    print(f"max |vllm prefill - torch scorer| over {sum(n - r for n, r in PREFILL_ITEMS)} rows, k={k}: {worst:.3g}")
+    assert worst <= 1e-4, worst
+
+
+def test_prefill_split_into_bounded_calls_gives_the_same_numbers(engine, monkeypatch):
+    from brts.shared.engines.vllm_engine import DEFAULT_MAX_PREFILL_TOKENS, prefill_batches
+
+    assert engine.max_prefill_tokens == DEFAULT_MAX_PREFILL_TOKENS
+    assert prefill_batches([5, 5, 20, 3, 3, 3, 11], 10) == [[0, 1], [2], [3, 4, 5], [6]]
+    items = _prefill_items()
+    calls: list[int] = []
+    generate = engine._llm.generate
+
+    def counting(prompts, params, **kwargs):
+        calls.append(sum(len(p["prompt_token_ids"]) for p in prompts))
+        return generate(prompts, params, **kwargs)
+
+    monkeypatch.setattr(engine._llm, "generate", counting)
+    whole = engine.score_via_prefill(items, 8)
+    assert len(calls) == 1
+    monkeypatch.setattr(engine, "max_prefill_tokens", 60)
+    split = engine.score_via_prefill(items, 8)
+    # prompts are the items minus their last token: [19 + 32], [255] alone (over the bound), [11 + 46]
+    assert calls[1:] == [51, 255, 57]
+    worst = 0.0
+    for a, b in zip(whole, split):
+        np.testing.assert_array_equal(a.topk.ids, b.topk.ids)
+        worst = max(worst, float(np.abs(a.topk.logprobs - b.topk.logprobs).max()))
+    print(f"max |unsplit - split| vllm prefill: {worst:.3g}")  # shown with -s
+    assert worst <= 1e-5
+
+
+def test_decode_and_prefill_agree_on_cpu(engine):
+    """Tier-1 numbers (decode-time, raw) and Tier-2 numbers (prefill over prompt + response) of the same sequence
+    agree within 1e-4 in fp32 on CPU, so the cache may mix the two sources."""
+    from brts.shared.engines.base import ScoreItem
+
+    reqs = [GenerationRequest(_prompt(9), (1, 2, 3)), GenerationRequest(_prompt(30, 5), (4, 5)),
+            GenerationRequest(_prompt(244, 8), (6, 7, 8))]
+    out = engine.generate_with_logprobs(reqs, SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12), 8)
+    pairs = [(req, s) for req, per in zip(reqs, out) for s in per]
+    items = [ScoreItem(req.prompt_ids + s.generation.token_ids, len(req.prompt_ids)) for req, s in pairs]
+    worst, positions = 0.0, 0
+    for (_, s), res in zip(pairs, engine.score_via_prefill(items, 8)):
+        np.testing.assert_array_equal(res.topk.ids, s.topk.ids)
+        worst = max(worst, float(np.abs(res.topk.logprobs - s.topk.logprobs).max()))
+        positions += s.topk.length
+    assert positions >= 20
+    print(f"max |vllm decode - vllm prefill| over {positions} positions: {worst:.3g}")  # shown with -s
+    assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize(
+    ("k", "item", "match"),
+    [
+        (0, None, r"^k: must be an integer in 1\.\.64 \(the engine's max_logprobs\), got 0"),
+        (65, None, r"^k: must be an integer in 1\.\.64"),
+        (4, "cand", r"^items\[1\]\.candidate_ids: not supported by the vllm engine's prefill"),
+        (4, ((5, 6, 7), 0), r"^items\[1\]\.response_start: must be in 1\.\.2 .* got 0 for 3 tokens"),
+        (4, ((5, 6, 7), 3), r"^items\[1\]\.response_start: must be in 1\.\.2"),
+        (4, ((5, VOCAB, 7), 1), r"^items\[1\]\.token_ids: token id 151936 at position 1 is outside 0\.\.151935"),
+        (4, (tuple(range(1, MAX_LEN + 2)), 5), r"^items\[1\]\.token_ids: 257 tokens exceed the engine's context"),
+        (4, ((), 1), r"^items\[1\]\.token_ids: must not be empty"),
+        (4, "not-an-item", r"^items\[1\]: expected a ScoreItem, got str"),
+    ],
+    ids=["k-0", "k-over-max", "candidate-ids", "start-0", "start-at-end", "out-of-vocab", "over-long", "empty",
+         "wrong-type"],
+)
+def test_prefill_refuses_bad_inputs_naming_the_field(engine, monkeypatch, k, item, match):
+    from brts.shared.engines.base import ScoreItem
+
+    if item == "cand":
+        item = ScoreItem((5, 6, 7), 1, candidate_ids=np.zeros((2, 1), np.int64))
+    elif isinstance(item, tuple):
+        item = ScoreItem(*item)
+    elif item is None:
+        item = ScoreItem((5, 6, 7), 1)
+    calls: list[int] = []
+    monkeypatch.setattr(engine._llm, "generate", lambda *a, **kw: calls.append(1))
+    with pytest.raises(ValueError, match=match):
+        engine.score_via_prefill([ScoreItem((1, 2, 3), 1), item], k)
+    assert calls == []  # nothing reached vLLM
+
+
+def _fake_output(prompt_entries, generated_entries, tokens=(EOS,), finish="stop"):
+    """A ``RequestOutput`` as vLLM 0.32 builds it: ``{token_id: Logprob(logprob, rank, decoded_token)}`` dicts."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import Logprob
+
+    def entry(pairs):
+        return None if pairs is None else {tid: Logprob(lp, rank, None) for tid, lp, rank in pairs}
+
+    comp = SimpleNamespace(token_ids=list(tokens), finish_reason=finish, stop_reason=None,
+                           logprobs=[entry(e) for e in generated_entries])
+    return SimpleNamespace(outputs=[comp], prompt_logprobs=[entry(e) for e in prompt_entries])
+
+
+def test_replies_with_fewer_than_k_entries_are_padded_not_refused(engine):
+    """Decode (``_parse``) and prefill (``parse_prompt_topk``) replies: a position with fewer than k entries gets
+    -1/-inf padding; the actual token vLLM adds below rank k is not part of the top-k."""
+    from brts.shared.engines.base import ScoreItem
+    from brts.shared.engines.vllm_engine import parse_prompt_topk
+
+    ro = _fake_output([], [[(5, -0.2, 1), (9, -7.0, 40)], [(EOS, -0.1, 1), (3, -2.5, 2)]], tokens=(9, EOS))
+    s = engine._parse(ro, 3, "requests[0].seeds[0]")
+    assert s.generation.token_ids == (9, EOS) and s.generation.finish_reason == "stop"
+    np.testing.assert_array_equal(s.token_logprobs, np.float32([-7.0, -0.1]))
+    assert s.topk.ids.tolist() == [[5, -1, -1], [EOS, 3, -1]]
+    assert np.isneginf(s.topk.logprobs[0, 1:]).all() and np.isneginf(s.topk.logprobs[1, 2])
+
+    item = ScoreItem((1, 2, 3, 4), 2)  # rows predict tokens 3 and 4; the prompt sent was (1, 2, 3)
+    ro = _fake_output([None, [(2, -0.5, 1)], [(3, -9.0, 77), (8, -0.3, 1), (6, -1.5, 2)]], [[(4, -0.7, 1)]])
+    res = parse_prompt_topk(ro, item, 3, "items[0]")
+    assert res.candidate_logprobs is None
+    assert res.topk.ids.tolist() == [[8, 6, -1], [4, -1, -1]]
+    np.testing.assert_allclose(res.topk.logprobs[:, 0], [-0.3, -0.7])
+    assert np.isneginf(res.topk.logprobs[0, 2]) and np.isneginf(res.topk.logprobs[1, 1:]).all()
+    with pytest.raises(RuntimeError, match=r"^items\[0\]: 2 prompt log-prob entries for a prompt of 3 tokens"):
+        parse_prompt_topk(_fake_output([None, [(2, -0.5, 1)]], [[(4, -0.7, 1)]]), item, 3, "items[0]")
+
+
+def test_engine_mode_keeps_the_log_prob_contract(engine, tiny, tmp_path):
+    """Tier 1 from vLLM's raw decode-time numbers, perturbed slots and the wider re-score from vLLM's prompt top-K:
+    all within ATOL of an fp32 transformers forward of the same weights."""
+    import sys
+
+    from brts.server.pipeline import ENGINE, CandidatePipeline
+    from brts.shared.engines.base import SOURCE_DECODE, SOURCE_PREFILL
+    from brts.shared.engines.scorer import TorchScorer
+    from brts.shared.tokenizer import load_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "server"))
+    from logprob_contract import ATOL, K_NARROW, SAMPLING, contract_jobs, run_contract, worst_gap
+
+    tokenizer = load_tokenizer(tiny[0])
+    prompts = [(f"q{i}", tuple(tokenizer.encode(f"What is {i} + {i * 3}?", add_special_tokens=False)), str(4 * i))
+               for i in range(1, 6)]
+    scorer = TorchScorer(tiny[1], max_context=MAX_LEN)
+    pipe = CandidatePipeline(engine, scorer, tokenizer, SAMPLING, logprob_k=K_NARROW, logprob_mode=ENGINE)
+    jobs = contract_jobs(prompts, n_tier2=0)  # a random model's hinted samples are never correct: no Tier 2 here
+    out = run_contract(pipe, jobs, tmp_path / "cache")
+    sources = {(c.perturbed, c.source) for p in out["first"] for c in p.candidates}
+    assert sources == {(False, SOURCE_DECODE), (True, SOURCE_PREFILL)}, sources
+    assert {c.source for p in out["wider"] for c in p.candidates} == {SOURCE_PREFILL}
+    for name in ("first", "wider"):
+        worst = worst_gap(out[name], jobs, scorer, engine.eos_token_ids)
+        print(name, {s: f"{g:.1e}" for s, g in worst.items()})
+        assert max(worst.values()) <= ATOL, worst
