@@ -19,7 +19,7 @@ relies on:
    processed sampling distribution instead of the raw T=1 one, e.g. an external SGLang without
    ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``), and the engine's prefill top-K over (prompt + greedy response) where it
    has one (vllm, sglang: ``score_via_prefill``). Both within ``ENGINE_TOLERANCE`` for the teacher's dtype
-   (engines/base.py: fp32 1e-4 nats; bf16/fp16 0.1) decide ``teacher_logprobs: auto``: ``engine`` when they
+   (engines/base.py: fp32 1e-3 nats; bf16/fp16 0.1) decide ``teacher_logprobs: auto``: ``engine`` when they
    agree, else ``scorer``; an explicit ``engine`` that they reject is a ``ProbeError``
    (``resolve_logprob_mode``).
 

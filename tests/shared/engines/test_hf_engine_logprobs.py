@@ -2,7 +2,8 @@
 
 What must hold (issue #21): the same tokens as ``generate`` for the same seeds and sampling; at each generated
 position the raw log-softmax of the logits the token was drawn from (before temperature and top-p), which is the
-exact scorer's number over (prompt + response) within ``ENGINE_TOLERANCE["float32"]`` (1e-4); and this for the
+exact scorer's number over (prompt + response) within 1e-4 (measured ~1e-6; a tenth of the probe's fp32 bound,
+``ENGINE_TOLERANCE["float32"]``); and this for the
 rows still decoding only: a batch where some rows stop early (EOS) and leave the batch must keep every other row's
 numbers aligned with its own tokens. ``generate`` must not pay for any of it.
 """
@@ -75,7 +76,7 @@ def test_decode_logprobs_equal_the_exact_scorer_while_rows_finish_early(tiny_qwe
                         float(np.abs(ref.topk.logprobs - s.topk.logprobs).max()))
             positions += len(toks)
     print(f"max |hf decode - exact scorer| over {positions} positions, k={K}: {worst:.3g}")  # shown with -s
-    assert worst <= ENGINE_TOLERANCE["float32"], worst
+    assert worst <= 1e-4 < ENGINE_TOLERANCE["float32"], worst
 
 
 def test_generate_computes_no_logprobs(tiny_qwen2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
