@@ -36,6 +36,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EOS, EOS2 = 151645, 151643
 
 
+def parse_engines(text: str) -> list[str]:
+    """``--engines`` as a list (comma-separated, in order), refusing anything but hf and vllm."""
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    for e in engines:
+        if e not in ("hf", "vllm"):
+            raise SystemExit(f"--engines: unknown engine {e!r}; use hf and/or vllm")
+    return engines
+
+
 def build_tiny_model(path: Path, hidden: int, layers: int, seed: int = 0) -> None:
     """A random fp32 Qwen2 (bundled Qwen2.5 tokenizer, vocab 151,936) whose EOS ids are never sampled.
 
@@ -107,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from brts.shared.engines.base import GenerationRequest, SamplingParams
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    for e in engines:
-        if e not in ("hf", "vllm"):
-            raise SystemExit(f"--engines: unknown engine {e!r}; use hf and/or vllm")
+    engines = parse_engines(args.engines)
     tmp = None
     model_dir = args.model
     if model_dir is None:

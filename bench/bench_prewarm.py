@@ -46,10 +46,10 @@ import numpy as np
 
 try:  # run as a script (bench/ on sys.path) or as bench.<name>
     from _rows import Row, emit
-    from bench_generation import build_tiny_model
+    from bench_generation import build_tiny_model, parse_engines
 except ImportError:  # pragma: no cover
     from bench._rows import Row, emit
-    from bench.bench_generation import build_tiny_model
+    from bench.bench_generation import build_tiny_model, parse_engines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    for e in engines:
-        if e not in ("hf", "vllm"):
-            raise SystemExit(f"--engines: unknown engine {e!r}; use hf and/or vllm")
+    engines = parse_engines(args.engines)
 
     import torch
 
