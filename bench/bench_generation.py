@@ -65,6 +65,9 @@ def build_tiny_model(path: Path, hidden: int, layers: int, seed: int = 0) -> Non
     model = Qwen2ForCausalLM(cfg).float()
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0  # a positive feature at the final norm ...
+        for layer in model.model.layers:  # ... that no layer writes to (else wider models drown it) ...
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[EOS, 0] = -20.0  # ... that pushes both EOS logits far down
         model.lm_head.weight[EOS2, 0] = -20.0
