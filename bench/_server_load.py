@@ -1,5 +1,6 @@
 """bench_server parts (2) and (3), on the tiny-model server: the miss path (candidates/s through the server
-against the same engine called directly) and Score under load (4 clients against one alone).
+against the same engine called directly) and Score under load (4 clients against one alone; 2 CPU scorer replicas
+against one scorer at 2 and 4 clients).
 
 See bench/bench_server.py's docstring for what is measured and why.
 """
@@ -7,8 +8,14 @@ See bench/bench_server.py's docstring for what is measured and why.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -228,3 +235,125 @@ def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
              {"aggregate_pos_s": rate_loaded, "alone_pos_s": rate_alone, "loaded_s": tl, "alone_s": ta,
               "rounds": args.score_repeats}))
     return {"score_ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------------- (3) replicas
+
+
+class ServeProcess:
+    """`brts serve` on the tiny model in a subprocess of its own: torch's CPU thread count is process-wide
+    (server/scorer_pool.py), so a 2-replica server in this process would set it for the 1-scorer server too."""
+
+    def __init__(self, model: Path, cache: Path, args: argparse.Namespace, extra: list[str]) -> None:
+        cmd = [sys.executable, "-m", "brts.cli", "serve", "--model", str(model), "--cache", str(cache), "--port", "0",
+               "--device", "cpu", "--dtype", "float32", "--max-logprob-k", str(args.k),
+               f"batch_window_ms={args.replica_window_ms}", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert self.proc.stdout is not None
+        self.lines: list[str] = []
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            found = re.search(r"listening on (\S+)", line)
+            if found:
+                self.address = found.group(1)
+                break
+        else:
+            raise RuntimeError("brts serve exited:\n" + "\n".join(self.lines[-20:]))
+        self._drain = threading.Thread(target=lambda: self.lines.extend(x.rstrip() for x in self.proc.stdout),
+                                       daemon=True)
+        self._drain.start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=300)
+
+
+def _concurrent_scores(clients: list[Any], work: list[Any], k: int, seqs: int) -> tuple[float, list[Any]]:
+    """Every client scores its own work at once (released together by a barrier): the wall time and the replies."""
+    barrier = threading.Barrier(len(clients) + 1)
+    replies: list[Any] = [None] * len(clients)
+    errors: list[BaseException] = []
+
+    def one(c: int) -> None:
+        try:
+            barrier.wait()
+            replies[c] = clients[c].score(*work[c], logprob_k=k)
+            assert len(replies[c]) == seqs
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(len(clients))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return wall, replies
+
+
+def _largest_gap(a: list[Any], b: list[Any]) -> float:
+    """The largest |difference| between two servers' replies to the same calls (top-K and candidate log-probs)."""
+    gaps = [float(np.max(np.abs(x.topk_logprobs - y.topk_logprobs))) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    gaps += [float(np.max(np.abs(x.candidate_logprobs - y.candidate_logprobs)))
+             for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return max(gaps)
+
+
+def bench_score_replicas(model: Path, folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Score positions/s of a server with 2 CPU scorer replicas against one with a single scorer (today's), at each
+    client count, the rounds of the two servers interleaved; both servers answer the same calls."""
+    from brts.shared.client import TeacherClient
+
+    counts = [int(c) for c in args.replica_clients.split(",")]
+    k, most, positions = args.k, max(counts), args.score_seqs * (args.score_len - args.score_prompt_len)
+    work = [score_work(200 + c, args) for c in range(most)]
+    setups = {"1 scorer": [], "2 CPU replicas": ["--scorer-devices", "cpu,cpu"]}
+    servers: dict[str, ServeProcess] = {}
+    clients: dict[str, list[Any]] = {}
+    times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in setups for n in counts}
+    gap = 0.0
+    try:
+        for i, (name, extra) in enumerate(setups.items()):
+            servers[name] = ServeProcess(model, folder / f"replica-cache-{i}", args, extra)
+            clients[name] = [TeacherClient(servers[name].address) for _ in range(most)]
+            clients[name][0].score(work[0][0][:1], work[0][1][:1], work[0][2][:1], logprob_k=k)  # warm-up
+        for r in range(args.replica_repeats):
+            order = list(setups) if r % 2 == 0 else list(reversed(setups))
+            for n in counts:
+                replies = {}
+                for name in order:
+                    wall, replies[name] = _concurrent_scores(clients[name][:n], work[:n], k, args.score_seqs)
+                    times[name, n].append(wall)
+                gap = max(gap, _largest_gap(*replies.values()))
+            print("  replicas round " + str(r) + ": " + ", ".join(
+                f"{name} x{n} clients {times[name, n][-1]:.2f} s" for n in counts for name in order), flush=True)
+    finally:
+        for name in clients:
+            for c in clients[name]:
+                c.close()
+        for server in servers.values():
+            server.stop()
+    print(f"(3) Score with scorer replicas: `brts serve` subprocesses on the tiny model (fp32 CPU, hf engine, "
+          f"{os.cpu_count()} CPUs), one with a single scorer (no --scorer-devices), one with --scorer-devices "
+          f"cpu,cpu (torch threads split between the replicas); batch window {args.replica_window_ms:g} ms; each "
+          f"client scores the work of (3) above ({positions:,} positions per call); median of "
+          f"{args.replica_repeats} interleaved rounds")
+    print(f"{'clients':10s} {'1 scorer pos/s':>15s} {'2 replicas pos/s':>17s} {'ratio':>6s}")
+    out = {}
+    for n in counts:
+        one, two = (n * positions / med(times[name, n]) for name in setups)
+        print(f"{n:<10d} {one:15,.0f} {two:17,.0f} {two / one:6.2f}")
+        emit(Row("server", f"Score positions/s, {n} concurrent clients x {args.score_seqs} seqs x {args.score_len} "
+                 f"tokens, window {args.replica_window_ms:g} ms", "2 CPU scorer replicas vs 1 scorer", two / one, None,
+                 f"{two:,.0f} vs {one:,.0f} pos/s",
+                 {"replicas_pos_s": two, "one_scorer_pos_s": one, "clients": n, "rounds": args.replica_repeats,
+                  "window_ms": args.replica_window_ms, "largest_gap_nats": gap}))
+        out[f"replicas_ratio_{n}_clients"] = two / one
+    print(f"the two servers' replies to the same calls differ by at most {gap:.1e} nats")
+    return out

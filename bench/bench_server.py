@@ -24,10 +24,20 @@ the timed repeats of the two sides interleaved, reported as medians:
 (3) Score under load: 4 clients (threads, each its own ``TeacherClient``) each scoring 8 sequences of 2,048
     tokens with K=16 candidate ids per response position, against one client alone scoring its 8: aggregate
     response positions/s and the scaling ratio (aggregate with 4 / alone), on the same tiny-model server.
+    Then scorer replicas (``--scorer-devices``, issue #22): the same calls from 2 and from 4 concurrent clients
+    against two `brts serve` subprocesses on the tiny model, one with a single scorer (today's, no
+    --scorer-devices) and one with --scorer-devices cpu,cpu, their rounds interleaved; rows give the 2-replica
+    server's positions/s over the single scorer's, with no goal (report only: on 2 cores the replicas share the
+    same cores, each at half the torch threads). Subprocesses, because torch's CPU thread count is process-wide.
+    The batch window is 0 there (``--replica-window-ms``): every call is its own micro-batch on both servers, so
+    the ratio is the replicas' parallelism alone; with a window, calls that reach the server within it merge into
+    one micro-batch, which one replica runs (measured at 10 ms on 2 busy cores the ratios were about the same,
+    1.5-1.6: the clients' calls did not all arrive within 10 ms).
 
-Default sizes fit ~2 minutes on 2 CPU cores, where the 151,936-wide LM head and sampler cost ~20 ms per
-generated token per row and ~4 ms per scored position: (2) runs 4 prompts × 4 samples × 32 new tokens and (3)
-scores the last 128 positions of each 2,048-token sequence; the last line below runs issue #5's sizes on a GPU:
+Default sizes fit ~3 minutes on 2 CPU cores (the replica rounds about one of them), where the 151,936-wide LM head
+and sampler cost ~20 ms per generated token per row and ~4 ms per scored position: (2) runs 4 prompts × 4 samples ×
+32 new tokens and (3) scores the last 128 positions of each 2,048-token sequence; the last line below runs issue
+#5's sizes on a GPU:
 
     .venv/bin/python bench/bench_server.py                           # all three parts, CPU defaults
     .venv/bin/python bench/bench_server.py --part hit --repeats 7     # one part
@@ -58,13 +68,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model 
 # The parts live in sibling modules (bench/_server_*.py); the script keeps the options and the order they run in.
 # They are imported after the os.environ defaults, which are set before anything else (hence E402 is waived).
 try:  # run as a script (bench/ on sys.path) or as bench.<name>
-    from _server_common import start_tiny_server  # noqa: E402 - after the os.environ defaults above
+    from _server_common import build_tiny_model, start_tiny_server  # noqa: E402 - after the os.environ defaults above
     from _server_hit import bench_hit  # noqa: E402 - after the os.environ defaults above
-    from _server_load import bench_miss, bench_score  # noqa: E402 - after the os.environ defaults above
+    from _server_load import bench_miss, bench_score, bench_score_replicas  # noqa: E402 - after the os.environ defaults
 except ImportError:  # pragma: no cover
-    from bench._server_common import start_tiny_server  # noqa: E402 - after the os.environ defaults above
+    from bench._server_common import build_tiny_model, start_tiny_server  # noqa: E402 - after the os.environ defaults
     from bench._server_hit import bench_hit  # noqa: E402 - after the os.environ defaults above
-    from bench._server_load import bench_miss, bench_score  # noqa: E402 - after the os.environ defaults above
+    from bench._server_load import bench_miss, bench_score, bench_score_replicas  # noqa: E402 - after os.environ
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    ap.add_argument("--part", choices=("hit", "miss", "score", "all"), default="all")
+    ap.add_argument("--part", choices=("hit", "miss", "score", "replicas", "all"), default="all",
+                    help="score runs (3) whole; replicas only its scorer-replica rows")
     ap.add_argument("--k", type=int, default=16, help="top-K everywhere (default 16)")
     ap.add_argument("--samples", type=int, default=4, help="candidates per prompt, (1) and (2) (default 4)")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens, (1) and (2) (default 64)")
@@ -105,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="response_start: positions scored per sequence are score-len minus this (default 1920, "
                         "i.e. 128 positions: the full-vocabulary LM head costs ~4 ms per position on 2 CPU cores)")
     g.add_argument("--score-repeats", type=int, default=2, help="timed rounds, alone and loaded (default 2)")
+    g.add_argument("--replica-clients", default="2,4", help="client counts of the replica rows (default 2,4)")
+    g.add_argument("--replica-repeats", type=int, default=3, help="interleaved rounds of the replica rows (default 3)")
+    g.add_argument("--replica-window-ms", type=float, default=0.0,
+                   help="batch window of the two replica-row servers (default 0: every call its own micro-batch)")
     ap.add_argument("--malloc-arena-max", type=int, default=1,
                     help="re-run this script with MALLOC_ARENA_MAX set to this (default 1; 0 = leave the environment "
                          "alone): with glibc's per-thread arenas, the same hf work ran up to 2x slower on one worker "
@@ -143,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                     out.update(bench_score(tiny, args))
             finally:
                 tiny.running.stop(grace_s=5)
+            if args.part in ("score", "all"):
+                print()
+                out.update(bench_score_replicas(tiny.folder / "model", tiny.folder, args))
+    elif args.part == "replicas":
+        with tempfile.TemporaryDirectory(prefix="bench-server-tiny-") as tmp:
+            build_tiny_model(Path(tmp) / "model", args.hidden, args.layers, args.max_positions)
+            out.update(bench_score_replicas(Path(tmp) / "model", Path(tmp), args))
     print("\nsummary: " + ", ".join(f"{name} {value:.2f}" for name, value in out.items()))
     return 0
 

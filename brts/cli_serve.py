@@ -34,6 +34,14 @@ def _die(message: str) -> None:
 @click.option("--tensor-parallel", type=int, default=None, help="Tensor-parallel size passed to vllm/sglang.")
 @click.option("--data-parallel", type=int, default=None, help="Data-parallel size passed to sglang.")
 @click.option("--sglang-url", default=None, help="Use a running sglang.launch_server over HTTP instead of in-process.")
+@click.option("--vllm-url", default=None,
+              help="Use a running `vllm serve` (its /v1/completions) instead of in-process; with --engine vllm and "
+                   "--model DIR (the folder still gives the tokenizer, the scorer and the probe). Start it with "
+                   "--max-logprobs 64 (docs/gpu-guide.md).")
+@click.option("--scorer-devices", default=None,
+              help="Devices of the exact scorer behind Score, comma-separated (cuda:1,cuda:2; cpu,cpu for tests): one "
+                   "replica per entry, each fed whole micro-batches; EACH IS ONE MORE COPY OF THE TEACHER'S WEIGHTS "
+                   "[one scorer on --device].")
 @click.option("--teacher-logprobs", type=click.Choice(["auto", "engine", "scorer"]), default=None,
               help="Where candidates' top-K come from: the engine's own numbers, the exact scorer's second forward, "
                    "or auto (engine when the start-up probe finds it agrees) [auto].")

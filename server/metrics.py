@@ -20,6 +20,9 @@ process, as in the tests, do not collide). What each counts, in the words of the
 - ``brts_engine_seconds_total``, ``brts_scorer_seconds_total``: time inside the engine's generation (with or
   without its decode-time top-K), and inside scoring: the exact scorer's calls plus, in engine mode, the engine's
   own prefill scoring (``score_via_prefill``), so the second counter is all the time spent re-reading candidates.
+- with scorer replicas (``scorer_devices``) only: ``brts_scorer_replica_seconds_total{replica,device}`` and
+  ``brts_scorer_replica_batches_total{replica,device}``: each replica's time inside Score micro-batches and how
+  many it ran (``replica`` is its index in ``scorer_devices``), to see whether the load spreads over them.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class ServerMetrics:
         self.engine_seconds = Counter("brts_engine_seconds", "Seconds inside the engine's generation", registry=r)
         self.scorer_seconds = Counter("brts_scorer_seconds", "Seconds inside scoring (exact scorer, engine prefill)",
                                       registry=r)
+        self.replica_seconds = Counter("brts_scorer_replica_seconds", "Seconds a scorer replica spent on Score "
+                                       "micro-batches", ["replica", "device"], registry=r)
+        self.replica_batches = Counter("brts_scorer_replica_batches", "Score micro-batches a scorer replica ran",
+                                       ["replica", "device"], registry=r)
 
     # -- RPCs -------------------------------------------------------------------------------------------------
     def unary(self, method: str, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -121,7 +128,8 @@ class ServerMetrics:
         return run
 
     def instrument(self, runtime: Any) -> None:
-        """Time the runtime's engine generation and exact scorer where the pipeline and the service call them."""
+        """Time the runtime's engine generation and exact scorer where the pipeline and the service call them (and
+        each of Score's scorer replicas, when it has them)."""
         pipeline = runtime.pipeline
         timed = {name: self.timed(self.engine_seconds, getattr(pipeline.engine, name))
                  for name in ("generate", "generate_with_logprobs") if hasattr(pipeline.engine, name)}
@@ -130,6 +138,24 @@ class ServerMetrics:
         engine = _Timed(pipeline.engine, timed)
         scorer = _Timed(runtime.scorer, {"score": self.timed(self.scorer_seconds, runtime.scorer.score)})
         pipeline.engine, pipeline.scorer, runtime.scorer = engine, scorer, scorer
+        pool = getattr(runtime, "scorer_pool", None)
+        for i, replica in enumerate(pool.replicas if pool is not None else ()):
+            pool.replicas[i] = _Timed(replica, {"score": self._replica_timed(i, pool.devices[i], replica.score)})
+
+    def _replica_timed(self, i: int, device: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """A replica's ``score`` counted per replica, and in ``brts_scorer_seconds`` as every scorer call is."""
+        seconds, batches = self.replica_seconds.labels(str(i), device), self.replica_batches.labels(str(i), device)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                took = time.monotonic() - start
+                self.scorer_seconds.inc(took)
+                seconds.inc(took)
+                batches.inc()
+        return run
 
     def serve(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> Any:
         """Serve ``/metrics`` (HTTPS when a certificate is given); the returned server's ``shutdown()`` stops it.

@@ -3,8 +3,9 @@
 Why batchers: one server is shared by several trainers, so requests that arrive within a short window are
 coalesced into ONE cache call (one engine call for everything missing: four trainers asking at once cost one
 generation), and Score requests are coalesced the same way on their own worker and queue, so a trainer's
-per-step Score never waits behind a long generation. Cached prompts skip the batcher: a snapshot read answers
-them at once, and only prompts with missing entries are queued.
+per-step Score never waits behind a long generation. With scorer replicas (``scorer_devices``), each Score
+micro-batch runs whole on whichever replica is free, several at once (server/scorer_pool.py). Cached prompts skip
+the batcher: a snapshot read answers them at once, and only prompts with missing entries are queued.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ class Coalescer:
 
     ``run(key, payloads) -> results`` gets the concatenated payloads of a group and returns one result per
     payload item; each submission receives its slice (or the exception) on its own queue.
+
+    With a ``pool`` (``ScorerPool``, server/scorer_pool.py: Score's scorer replicas) each group is handed whole to a
+    free replica, ``run(key, payloads, replica)`` on that replica's thread, and the loop goes back to gathering at
+    once, so up to one group per replica runs at a time. The loop takes a free replica BEFORE it gathers: while
+    every replica is busy, submissions pile up and leave together as one larger group, as they do with one scorer.
     """
 
-    def __init__(self, name: str, run: Callable[[Any, list[Any]], Sequence[Any]], window_s: float,
-                 depth: Any = None, sizes: Any = None) -> None:
+    def __init__(self, name: str, run: Callable[..., Sequence[Any]], window_s: float,
+                 depth: Any = None, sizes: Any = None, pool: Any = None) -> None:
         # depth, sizes: a metrics gauge of the submissions waiting and a histogram of the items per call (or None)
-        self._run, self._window, self._depth, self._sizes = run, window_s, depth, sizes
+        self._run, self._window, self._depth, self._sizes, self._pool = run, window_s, depth, sizes, pool
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self.calls = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -70,8 +76,11 @@ class Coalescer:
 
     def _loop(self) -> None:
         while True:
+            lane = self._pool.acquire() if self._pool is not None else None
             first = self._queue.get()
             if first is _STOP:
+                if lane is not None:
+                    self._pool.release(lane)
                 return
             batch, deadline, stop = [first], time.monotonic() + self._window, False
             while (left := deadline - time.monotonic()) > 0:
@@ -89,25 +98,49 @@ class Coalescer:
             for sub in batch:
                 groups.setdefault(sub.key, []).append(sub)
             for key, subs in groups.items():
-                self._run_group(key, subs)
+                if self._pool is None:
+                    self._run_group(key, subs)
+                else:  # the first group takes the replica reserved above; any other waits for one
+                    self._dispatch(key, subs, lane if lane is not None else self._pool.acquire())
+                    lane = None
             if stop:
                 return
 
-    def _run_group(self, key: Any, subs: list[_Submission]) -> None:
+    def _items(self, subs: list[_Submission]) -> list[Any]:
         items = [x for sub in subs for x in sub.payload]
         self.calls += 1
         if self._sizes is not None:
             self._sizes.observe(len(items))
+        return items
+
+    def _run_group(self, key: Any, subs: list[_Submission]) -> None:
+        items = self._items(subs)
         try:
-            results = list(self._run(key, items))
+            results: Any = list(self._run(key, items))
         except BaseException as exc:  # noqa: BLE001 - every waiter gets it
-            for sub in subs:
-                sub.out.put(exc)
-            return
-        at = 0
+            results = exc
+        _deliver(subs, results)
+
+    def _dispatch(self, key: Any, subs: list[_Submission], lane: int) -> None:
+        items = self._items(subs)
+        try:
+            self._pool.start(lane, lambda replica: list(self._run(key, items, replica)),
+                             lambda results: _deliver(subs, results))
+        except BaseException as exc:  # noqa: BLE001 - a closed pool: every waiter gets it
+            self._pool.release(lane)
+            _deliver(subs, exc)
+
+
+def _deliver(subs: list[_Submission], results: Any) -> None:
+    """Each submission its slice of ``results`` (in submission order), or the exception the whole group got."""
+    if isinstance(results, BaseException):
         for sub in subs:
-            sub.out.put(results[at : at + len(sub.payload)])
-            at += len(sub.payload)
+            sub.out.put(results)
+        return
+    at = 0
+    for sub in subs:
+        sub.out.put(results[at : at + len(sub.payload)])
+        at += len(sub.payload)
 
 
 def prompt_message(served: ServedPrompt, packed_tokens: bool = False) -> Any:
@@ -162,8 +195,9 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         m = self.metrics
         self.candidates = Coalescer("brts-candidates", self._generate, window, m.queue_depth.labels("candidates"),
                                     m.batch_items.labels("candidates"))
+        # with scorer replicas (runtime.scorer_pool), each Score micro-batch runs whole on a free replica
         self.scores = Coalescer("brts-score", self._score, window, m.queue_depth.labels("score"),
-                                m.batch_items.labels("score"))
+                                m.batch_items.labels("score"), pool=runtime.scorer_pool)
         # Snapshot reads (decompress + decode, which release the GIL) run on these threads while the RPC thread
         # builds and serializes the messages of the prompts already read: the two overlap instead of adding up.
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="brts-read")
@@ -191,8 +225,9 @@ class TeacherService(teacher_pb2_grpc.TeacherServiceServicer):
         sampling, seed, k = key
         return self.runtime.cache.get(jobs, sampling, seed, k)
 
-    def _score(self, k: int, items: list[ScoreItem]) -> list[ScoreOutput]:
-        return self.runtime.scorer.score(items, k)
+    def _score(self, k: int, items: list[ScoreItem], replica: Any = None) -> list[ScoreOutput]:
+        """One Score micro-batch: on the replica the pool gave it, or on the one scorer when there is no pool."""
+        return (self.runtime.scorer if replica is None else replica).score(items, k)
 
     @staticmethod
     def _wait(sub: _Submission, context: Any) -> list[Any]:

