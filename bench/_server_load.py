@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -158,30 +158,12 @@ def bench_score(tiny: TinyServer, args: argparse.Namespace) -> dict[str, float]:
         return time.perf_counter() - t0
 
     def loaded() -> tuple[float, list[float]]:
-        barrier = threading.Barrier(clients_n + 1)
-        each = [0.0] * clients_n
-        errors: list[BaseException] = []
+        def one(c: int) -> float:
+            t0 = time.perf_counter()
+            check(clients[c].score(*work[c], logprob_k=k))
+            return time.perf_counter() - t0
 
-        def one(c: int) -> None:
-            try:
-                barrier.wait()
-                t0 = time.perf_counter()
-                check(clients[c].score(*work[c], logprob_k=k))
-                each[c] = time.perf_counter() - t0
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=(c,)) for c in range(clients_n)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        if errors:
-            raise errors[0]
-        return wall, each
+        return released_together(clients_n, one)
 
     spans = time_batcher(tiny.running.service.scores)
     in_alone: list[float] = []
@@ -270,21 +252,21 @@ class ServeProcess:
         self.proc.wait(timeout=300)
 
 
-def _concurrent_scores(clients: list[Any], work: list[Any], k: int, seqs: int) -> tuple[float, list[Any]]:
-    """Every client scores its own work at once (released together by a barrier): the wall time and the replies."""
-    barrier = threading.Barrier(len(clients) + 1)
-    replies: list[Any] = [None] * len(clients)
+def released_together(n: int, call: Callable[[int], Any]) -> tuple[float, list[Any]]:
+    """Run ``call(0..n-1)`` on n threads released together by a barrier: the wall time from the release to the
+    last return, and each call's result; the first exception is re-raised."""
+    barrier = threading.Barrier(n + 1)
+    results: list[Any] = [None] * n
     errors: list[BaseException] = []
 
     def one(c: int) -> None:
         try:
             barrier.wait()
-            replies[c] = clients[c].score(*work[c], logprob_k=k)
-            assert len(replies[c]) == seqs
+            results[c] = call(c)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(c,)) for c in range(len(clients))]
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -294,7 +276,17 @@ def _concurrent_scores(clients: list[Any], work: list[Any], k: int, seqs: int) -
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return wall, replies
+    return wall, results
+
+
+def _concurrent_scores(clients: list[Any], work: list[Any], k: int, seqs: int) -> tuple[float, list[Any]]:
+    """Every client scores its own work at once (released together by a barrier): the wall time and the replies."""
+    def one(c: int) -> Any:
+        replies = clients[c].score(*work[c], logprob_k=k)
+        assert len(replies) == seqs
+        return replies
+
+    return released_together(len(clients), one)
 
 
 def _largest_gap(a: list[Any], b: list[Any]) -> float:

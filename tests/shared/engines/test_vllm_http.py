@@ -14,7 +14,6 @@ import importlib.util
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -199,7 +198,7 @@ class _StandIn(ThreadingHTTPServer):
 
     def __init__(self, gate: int) -> None:
         super().__init__(("127.0.0.1", 0), _StandInHandler)
-        self.gate, self.in_flight, self.peak, self.arrived = gate, 0, 0, 0
+        self.gate, self.in_flight, self.peak, self.arrived, self.answered = gate, 0, 0, 0, 0
         self.lock = threading.Condition()
 
     @property
@@ -233,14 +232,19 @@ class _StandInHandler(BaseHTTPRequestHandler):
             order = srv.arrived
             srv.peak = max(srv.peak, srv.in_flight)
             srv.lock.notify_all()
-            srv.lock.wait_for(lambda: srv.arrived >= srv.gate, timeout=5)
-        time.sleep(0.02 * max(0, srv.gate - order + 1))  # the first to arrive answers last
+            # Held until `gate` requests are open together (a bound only against a hang: an adapter that sends one
+            # at a time never reaches the gate, and the peak assertion fails), then answered in reverse order of
+            # arrival: the first to arrive answers last, by progress, not by sleeping.
+            srv.lock.wait_for(lambda: srv.arrived >= srv.gate, timeout=120)
+            srv.lock.wait_for(lambda: srv.answered >= srv.gate - order, timeout=120)
+            srv.in_flight -= 1  # before the reply: the client may send its next request as soon as it has one
         tokens = [p["seed"] + 1] * p["max_tokens"]
         rows = None if p["logprobs"] is None else [{f"token_id:{t}": -0.5} for t in tokens]
         self._send(_reply(_choice(tokens, "length", prompt=tuple(p["prompt"]), rows=rows,
                                   chosen=None if rows is None else [-0.5] * len(tokens))))
         with srv.lock:
-            srv.in_flight -= 1
+            srv.answered += 1
+            srv.lock.notify_all()
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +264,7 @@ def test_samples_go_concurrently_and_come_back_in_request_then_seed_order(model_
     try:
         engine = VLLMHttpEngine(model_facts, base_url=server.url, max_in_flight=4)
         assert (engine.served_model, engine.max_context, engine.eos_token_ids) == ("stand-in", 300, EOS_IDS)
-        server.gate, server.arrived, server.peak = 4, 0, 0  # after the start-up check
+        server.gate, server.arrived, server.peak, server.answered = 4, 0, 0, 0  # after the start-up check
         reqs = [GenerationRequest((1, 2), (10, 3, 7)), GenerationRequest((3,), ()), GenerationRequest((4, 5), (1, 2))]
         out = engine.generate_with_logprobs(reqs, SamplingParams(max_new_tokens=2), 2)
         engine.close()
