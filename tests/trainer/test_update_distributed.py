@@ -37,6 +37,21 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert moved < 1e-5
 
 
+def test_activation_checkpointing_recomputes_every_layer_and_changes_nothing(tmp_path):
+    """Issue #23: the student is in training mode, so checkpointing really runs (each layer's MLP runs twice per
+    micro-batch: forward and recomputation), and 2 ranks with it on give the same losses, gradient norms and
+    weights as with it off."""
+    off, on = _run(tmp_path, 2, steps=2), _run(tmp_path, 2, steps=2, mode="ac")
+    assert on["training"] and off["training"] and on["checkpointing"] and not off["checkpointing"]
+    for a, b, calls_on, calls_off in zip(off["stats"], on["stats"], on["mlp_calls"], off["mlp_calls"]):
+        assert calls_off == [a["micro_batches"]] * len(calls_off), calls_off  # one forward per micro-batch
+        assert calls_on == [2 * b["micro_batches"]] * len(calls_on), calls_on  # plus one recomputation each
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-6 * max(1.0, a["grad_norm"])
+    for name, w in off["weights"].items():
+        torch.testing.assert_close(on["weights"][name], w, atol=1e-6, rtol=0)
+
+
 def test_non_finite_gradient_skips_the_step(tmp_path):
     bad, one_step = _run(tmp_path, 1, steps=2, mode="nan"), _run(tmp_path, 1, steps=1)
     assert bad["stats"][1]["skipped"] and not bad["stats"][0]["skipped"]
