@@ -33,7 +33,7 @@ from brts.trainer.selection import Choice, Key, Pool, choose_position, choose_pr
 from brts.trainer.step_prompts import StepPrompt, build_step_prompts, teacher_requests
 from brts.trainer.student_forward import iter_student_topk, student_topk
 from brts.trainer.teacher_link import TeacherDown, TeacherLink
-from brts.trainer.update import TrainSequence, Updater
+from brts.trainer.update import TrainSequence, Updater, teacher_rows_for_student
 
 __all__ = ["EXIT_FAILED", "EXIT_TEACHER_DOWN", "StepRunner", "TrainError", "full_state_for_rollouts"]
 
@@ -97,6 +97,11 @@ class StepRunner:
     is_main: bool
     pending: dict[int, "Future[Any]"] = field(default_factory=dict)
     _prompts: dict[int, tuple[list[StepPrompt], int]] = field(default_factory=dict)
+
+    @property
+    def student_vocab(self) -> int:
+        """The student's logits dimension (its LM head's rows; the global shape under FSDP2)."""
+        return int(self.wrapper.model.get_output_embeddings().weight.shape[0])
 
     # ------------------------------------------------------------------ prompts and prefetch
 
@@ -203,7 +208,11 @@ class StepRunner:
         pools: list[Pool] = []
         for sp in prompts:
             res = results[sp.prompt_id]
-            pool = Pool.of(res.candidates)
+            # a candidate with a token the student has no embedding for (a wider teacher's padding id) can be
+            # neither scored by the student nor trained on: it leaves the pool, counted
+            usable = [x for x in res.candidates if int(max(x.token_ids, default=0)) < self.student_vocab]
+            c.add("candidates_beyond_vocab", len(res.candidates) - len(usable))
+            pool = Pool.of(usable)
             pools.append(pool)
             c.add("cache_hits", res.cache_hit)
             c.add("candidates", len(res.candidates))
@@ -264,9 +273,10 @@ class StepRunner:
                 ids = tuple(int(x) for x in cand.token_ids)
                 c.add("chosen_tokens", len(ids))
                 c.add("chosen_n")
+                topk_ids, topk_lps, beyond = teacher_rows_for_student(cand.topk_ids, cand.topk_logprobs,
+                                                                      self.student_vocab)
+                c.add("tc_ids_beyond_vocab", beyond)
                 out.append(TrainSequence(torch.tensor(prompts[p].ids + ids, dtype=torch.long), len(prompts[p].ids),
-                                         torch.from_numpy(cand.topk_ids.astype("int64")),
-                                         torch.from_numpy(cand.topk_logprobs.astype("float32")),
-                                         valid_rows(len(ids), keep)))
+                                         topk_ids, topk_lps, valid_rows(len(ids), keep)))
         return out
 

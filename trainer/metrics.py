@@ -43,7 +43,8 @@ SUM_KEYS = (
     "prompts", "prompts_too_long", "rows", "response_tokens", "rows_stopped", "tier1", "tier2", "tier3", "skip",
     "tier1_any_correct", "tier2_drawn", "tier2_rescued", "tier2_leaked", "cache_hits", "candidates",
     "chosen_overlap_sum", "chosen_overlap_n", "other_overlap_sum", "other_overlap_n", "ts_overlap_sum",
-    "ts_overlap_n", "chosen_tokens", "chosen_n", "selection_sequences", "teacher_failures",
+    "ts_overlap_n", "chosen_tokens", "chosen_n", "selection_sequences", "teacher_failures", "tc_ids_beyond_vocab",
+    "candidates_beyond_vocab",
 )
 
 
@@ -88,6 +89,9 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
         "rollouts_stopped": _ratio(g["rows_stopped"], g["rows"]),
         "cache_hit_rate": _ratio(g["cache_hits"], prompts),
         "selection_sequences": int(g["selection_sequences"]),
+        # a teacher wider than the student (issue #23): top-K ids and whole candidates the student has no logit for
+        "teacher/topk_ids_beyond_student_vocab": int(g["tc_ids_beyond_vocab"]),
+        "teacher/candidates_beyond_student_vocab": int(g["candidates_beyond_vocab"]),
         "tokens_per_s": _ratio(stats.sc_tokens + stats.tc_tokens + g["response_tokens"], step_s),
     }
     rec.update({k: round(v, 4) for k, v in g.items() if k.startswith("time/")})

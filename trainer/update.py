@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +59,27 @@ class TrainSequence:
     @property
     def tokens(self) -> int:
         return int(self.mask.sum())  # type: ignore[union-attr]
+
+
+def teacher_rows_for_student(topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+                             student_vocab: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The teacher's top-K rows as the teacher-context branch gathers them: ``(ids long, log-probs float32, n)``
+    with every id the student has no logit for (``>= student_vocab``) turned into padding (-1, -inf), and ``n``
+    the number of entries so turned.
+
+    Why: a teacher may have a wider logits dimension than the student of the same tokenizer (the paper's 7B
+    teacher, 152,064, with the 1.5B student, 151,936): its padding rows can reach a top-K, and gathering the
+    student's log-prob there has no meaning (and would raise). Padding is what ``losses.teacher_context_loss``
+    already drops: π is renormalised over the ids both sides have, the same rule as the -1 padding of short top-K.
+    """
+    ids = torch.from_numpy(topk_ids.astype("int64"))
+    lps = torch.from_numpy(topk_logprobs.astype("float32"))
+    beyond = ids >= student_vocab
+    n = int(beyond.sum())
+    if n:
+        ids = ids.masked_fill(beyond, -1)
+        lps = lps.masked_fill(beyond, float("-inf"))
+    return ids, lps, n
 
 
 @dataclass(frozen=True)

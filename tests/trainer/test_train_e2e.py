@@ -196,3 +196,44 @@ def test_a_teacher_that_disagrees_with_itself_is_refused(env, tmp_path):
     line = one_line(refused.stderr)
     assert "teacher agreement" in line and "disagrees by at most" in line and "teacher_agreement_tolerance" in line
     assert not (env["root"] / "agree" / "checkpoints").exists()
+
+
+def _wider_teacher(toy_teacher_dir: Path, folder: Path, extra: int = 128) -> Path:
+    """The toy teacher with ``extra`` more logits rows (151,936 + 128 = 152,064, the paper's 7B teacher's width):
+    row 151,936 + j is half of the j-th used token's row, so these ids reach the teacher's top-K at most positions
+    (half of a confident logit still beats the ~151k zero logits) while their sampling probability stays negligible."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from brts.shared.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(toy_teacher_dir, dtype=torch.float32)
+    old = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(old + extra, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight  # tied with the input embedding, as in the toy teacher
+        used = (weight[:old].abs().sum(1) > 0).nonzero().flatten()
+        weight[old:] = 0.5 * weight[used[torch.arange(extra) % len(used)]]
+    model.save_pretrained(folder)
+    load_tokenizer(toy_teacher_dir).save_pretrained(folder)
+    return folder
+
+
+def test_a_teacher_wider_than_the_student_trains(toy_teacher_dir, env, tmp_path):
+    """Issue #23, bug 3: a teacher whose logits dimension exceeds the student's (152,064 vs 151,936). Its cached
+    top-K ids beyond the student's vocabulary become padding in the teacher-context rows (counted), instead of
+    killing the step."""
+    teacher = _wider_teacher(toy_teacher_dir, tmp_path / "wide-teacher")
+    server = ServerProcess(teacher, tmp_path / "cache")
+    run = tmp_path / "run"
+    try:
+        cfg = _config(env, "wide", server=server.address, run_dir=str(run), max_steps=2, launch={"nproc": 1})
+        r = train("--config", str(cfg))
+    finally:
+        server.stop()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = metrics(run)
+    assert [x["step"] for x in recs] == [1, 2]
+    assert sum(x["teacher/topk_ids_beyond_student_vocab"] for x in recs) > 0  # the wide ids really came
+    for rec in recs:
+        assert math.isfinite(rec["loss/teacher_context"]) and rec["tokens/teacher_context"] > 0
