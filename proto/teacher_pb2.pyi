@@ -31,7 +31,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
-    __slots__ = ("prompt_id", "prompt_ids", "ground_truth", "n_tier1", "n_tier2", "pool_offset", "perturbation", "perturb_slot")
+    __slots__ = ("prompt_id", "prompt_ids", "ground_truth", "n_tier1", "n_tier2", "pool_offset", "perturbation", "perturb_slot", "tier2_keep_leaked", "perturb_position")
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class PromptRequest(_message.Message):
     POOL_OFFSET_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_FIELD_NUMBER: _ClassVar[int]
     PERTURB_SLOT_FIELD_NUMBER: _ClassVar[int]
+    TIER2_KEEP_LEAKED_FIELD_NUMBER: _ClassVar[int]
+    PERTURB_POSITION_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     ground_truth: str
@@ -48,7 +50,9 @@ class PromptRequest(_message.Message):
     pool_offset: int
     perturbation: str
     perturb_slot: int
-    def __init__(self, prompt_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., ground_truth: _Optional[str] = ..., n_tier1: _Optional[int] = ..., n_tier2: _Optional[int] = ..., pool_offset: _Optional[int] = ..., perturbation: _Optional[str] = ..., perturb_slot: _Optional[int] = ...) -> None: ...
+    tier2_keep_leaked: bool
+    perturb_position: str
+    def __init__(self, prompt_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., ground_truth: _Optional[str] = ..., n_tier1: _Optional[int] = ..., n_tier2: _Optional[int] = ..., pool_offset: _Optional[int] = ..., perturbation: _Optional[str] = ..., perturb_slot: _Optional[int] = ..., tier2_keep_leaked: _Optional[bool] = ..., perturb_position: _Optional[str] = ...) -> None: ...
 
 class CandidatesRequest(_message.Message):
     __slots__ = ("prompts", "sampling", "logprob_k", "expected_teacher", "cache_only", "packed_tokens")

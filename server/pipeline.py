@@ -49,7 +49,7 @@ from brts.shared.engines.base import (
     ScoreOutput,
     Scorer,
 )
-from brts.shared.hints import hinted_prompt_ids, leaks
+from brts.shared.hints import AFTER_TEMPLATE, PERTURB_POSITIONS, hinted_prompt_ids, leaks, perturbed_prompt_ids
 from brts.shared.topk import TopK
 from brts.shared.verify import BoundedVerifier
 
@@ -81,6 +81,8 @@ class PromptJob:
     pool_offset: int = 0
     perturbation: str | None = None  # text appended after the prompt for one Tier-1 slot (§11); None = off
     perturb_slot: int = 0  # window-relative index of that slot
+    keep_leaked: bool = False  # keep correct Tier-2 samples the leak filter flags (the paper's counting)
+    perturb_position: str = AFTER_TEMPLATE  # shared/hints.py PERTURB_POSITIONS
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -95,6 +97,9 @@ class PromptJob:
             raise ValueError(
                 f"prompt {self.prompt_id!r}: ground_truth is required when n_tier2 > 0 (the hint holds it)"
             )
+        if self.perturb_position not in PERTURB_POSITIONS:
+            raise ValueError(f"prompt {self.prompt_id!r}: perturb_position must be one of "
+                             f"{', '.join(PERTURB_POSITIONS)}, got {self.perturb_position!r}")
         if self.perturbation is not None and not 0 <= self.perturb_slot < self.n_tier1:
             raise ValueError(
                 f"prompt {self.prompt_id!r}: perturb_slot must be in 0..{self.n_tier1 - 1}, got {self.perturb_slot}"
@@ -247,9 +252,9 @@ class CandidatePipeline:
         return self.scorer.score, SOURCE_SCORER
 
     def _perturbed_ids(self, job: PromptJob) -> tuple[int, ...]:
-        """The reference appends the perturbation's ids right after the templated prompt (§11)."""
-        extra = self.tokenizer.encode(job.perturbation or "", add_special_tokens=False)
-        return tuple(job.prompt_ids) + tuple(extra)
+        """The perturbed prompt at the job's position (``hints.perturbed_prompt_ids``)."""
+        return tuple(perturbed_prompt_ids(list(job.prompt_ids), job.perturbation or "", job.perturb_position,
+                                          self.tokenizer))
 
     def sampling_prompt(self, job: PromptJob, tier: int, perturbed: bool = False) -> tuple[int, ...]:
         """The ids a draw samples after: the hinted prompt for Tier 2, the perturbed one for a perturbed draw,

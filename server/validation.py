@@ -14,6 +14,7 @@ import numpy as np
 
 from brts.server.pipeline import TIER1, TIER2, PromptJob
 from brts.shared.engines.base import SamplingParams, ScoreItem
+from brts.shared.hints import AFTER_TEMPLATE, PERTURB_POSITIONS
 from brts.shared.topk import from_proto
 
 # The cache indexes pools by prompt id in an LMDB key (id + NUL + 16-byte pool key), and LMDB keys end at 511 bytes.
@@ -122,8 +123,13 @@ def candidates_call(request: Any, default: SamplingParams, default_seed: int, li
             raise RequestError(f"{f}.ground_truth: required when n_tier2 > 0 (the Tier-2 hint holds it)")
         if p.perturbation and not 0 <= p.perturb_slot < p.n_tier1:
             raise RequestError(f"{f}.perturb_slot: must be in 0..{p.n_tier1 - 1}, got {p.perturb_slot}")
+        position = p.perturb_position or AFTER_TEMPLATE
+        if position not in PERTURB_POSITIONS:
+            raise RequestError(f"{f}.perturb_position: must be one of {', '.join(PERTURB_POSITIONS)} (or empty for "
+                               f"{AFTER_TEMPLATE}), got {p.perturb_position!r}")
         jobs.append(PromptJob(p.prompt_id, tuple(int(t) for t in p.prompt_ids), p.ground_truth, p.n_tier1, p.n_tier2,
-                              p.pool_offset, p.perturbation or None, p.perturb_slot))
+                              p.pool_offset, p.perturbation or None, p.perturb_slot, bool(p.tier2_keep_leaked),
+                              position))
     return CandidatesCall(jobs, sampling, seed, k, bool(request.cache_only), bool(request.packed_tokens))
 
 

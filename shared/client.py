@@ -43,6 +43,8 @@ class Prompt:
     pool_offset: int = 0
     perturbation: str = ""
     perturb_slot: int = 0
+    tier2_keep_leaked: bool = False
+    perturb_position: str = ""  # "" = the server's after_template (today's prompts and pools)
 
 
 @dataclass
@@ -215,7 +217,8 @@ class TeacherClient:
                 prompts=[teacher_pb2.PromptRequest(
                     prompt_id=p.prompt_id, prompt_ids=list(p.prompt_ids), ground_truth=p.ground_truth,
                     n_tier1=p.n_tier1, n_tier2=p.n_tier2, pool_offset=p.pool_offset, perturbation=p.perturbation,
-                    perturb_slot=p.perturb_slot) for p in left.values()],
+                    perturb_slot=p.perturb_slot, tier2_keep_leaked=p.tier2_keep_leaked,
+                    perturb_position=p.perturb_position) for p in left.values()],
                 sampling=(sampling or Sampling()).message(), logprob_k=logprob_k,
                 expected_teacher=self.expected_teacher or "", cache_only=cache_only, packed_tokens=True)
             try:

@@ -24,9 +24,10 @@ from brts.shared.config_base import (  # re-exported (__all__): callers import e
 )
 from brts.shared.prompts import DEFAULT_INSTRUCTION_SUFFIX
 
-__all__ = ["BENCHMARKS", "MAX_LOGPROB_K", "ConfigError", "EvalConfig", "OverlapMode", "PrewarmConfig", "PromptConfig",
-           "SamplingConfig", "ServerConfig", "Tier3Policy", "TrainConfig", "_Validated", "_merge", "from_dict",
-           "is_loopback", "load_config", "parse_overrides", "read_config_file", "save_config"]
+__all__ = ["BENCHMARKS", "MAX_LOGPROB_K", "ConfigError", "EvalConfig", "OverlapMode", "PerturbPosition",
+           "PrewarmConfig", "PromptConfig", "SamplingConfig", "ServerConfig", "Tier3Policy", "TrainConfig",
+           "_Validated", "_merge", "from_dict", "is_loopback", "load_config", "parse_overrides", "read_config_file",
+           "save_config"]
 
 MAX_LOGPROB_K = 64
 BENCHMARKS = ("aime24", "aime25", "amc23")
@@ -35,6 +36,8 @@ BENCHMARKS = ("aime24", "aime25", "amc23")
 OverlapMode = Literal["prefix", "position"]
 #: What the selection's priority rule does when no candidate is correct (trainer/selection.py, Tier 3).
 Tier3Policy = Literal["most_similar", "skip"]
+#: Where a perturbation's extra instruction is placed (shared/hints.py: ``insert_instruction``).
+PerturbPosition = Literal["user", "after_template"]
 
 
 @dataclass
@@ -223,6 +226,11 @@ class TrainConfig(_Validated):
     perturbation: str | None = None
     perturb_slot: int = 1
     truncate_to_student: bool = False
+    # where the perturbation's instruction goes: "user" inside the user turn (the paper's text), "after_template"
+    # after the assistant marker, as the authors' code does (the first words of the teacher's reasoning)
+    perturb_position: PerturbPosition = "user"
+    # true: keep a correct Tier-2 rollout even when the leak filter flags it (the paper's counting)
+    tier2_keep_leaked: bool = False
     logprob_k: int = 16
     lam: float = 1.0
     lr: float = 1e-6
@@ -231,6 +239,8 @@ class TrainConfig(_Validated):
     grad_clip: float = 1.0
     token_budget: int = 32768
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # the dtype of the parameters and the optimizer state; "bfloat16" reproduces the authors' runs (fp32 is exact)
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
     activation_checkpointing: bool = False
     save_every: int = 20
     eval_every: int = 10
@@ -272,7 +282,11 @@ class TrainConfig(_Validated):
         self.require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         self.require(self.n_rollouts >= 1, "n_rollouts", "must be >= 1")
         self.require(self.max_response_len >= 1, "max_response_len", "must be >= 1")
-        self.require(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
+        # the losses and the student's top-K are at T=1 (full-vocabulary log-probs of the raw logits): rollouts
+        # drawn at another temperature would come from a distribution the loss does not describe (issue #23)
+        self.require(self.rollout_temperature == 1.0, "rollout_temperature",
+                     "must be 1.0: the student-context loss and the student's top-K are at T=1, as in the paper and "
+                     "its code; sampling at another temperature would make the rollouts and the loss disagree")
         self.require(self.n_candidates >= 1, "n_candidates", "must be >= 1")
         self.require(self.n_tier2 >= 0, "n_tier2", "must be >= 0")
         self.require(1 <= self.logprob_k <= MAX_LOGPROB_K, "logprob_k", f"must be in 1..{MAX_LOGPROB_K}")

@@ -44,11 +44,11 @@ def inject_hint(prompt_text: str, hint: str) -> str:
     ``prefix.rstrip() + "\\n\\n" + hint + "\\n\\n" + marker + suffix``, where the suffix after the marker (such as
     ``<think>\\n``) is kept; with no marker the hint is appended after a blank line.
     """
-    for marker in ASSISTANT_MARKERS:
-        at = prompt_text.rfind(marker)
-        if at >= 0:
-            prefix, suffix = prompt_text[:at], prompt_text[at + len(marker) :]
-            return prefix.rstrip() + "\n\n" + hint + "\n\n" + marker + suffix
+    at = _last_assistant_marker(prompt_text)
+    if at >= 0:
+        marker = next(m for m in ASSISTANT_MARKERS if prompt_text.startswith(m, at))
+        prefix, suffix = prompt_text[:at], prompt_text[at + len(marker) :]
+        return prefix.rstrip() + "\n\n" + hint + "\n\n" + marker + suffix
     return prompt_text + "\n\n" + hint
 
 
@@ -95,6 +95,64 @@ def leaks(response_text: str) -> bool:
     a key or hint, never for the answer itself.
     """
     return bool(_LEAK_RE.search(response_text or ""))
+
+
+#: Where a perturbation's instruction goes (``TrainConfig.perturb_position``, ``PromptRequest.perturb_position``).
+USER, AFTER_TEMPLATE = "user", "after_template"
+PERTURB_POSITIONS = (USER, AFTER_TEMPLATE)
+# The tokens that close a user turn, tried in this order; the instruction goes before the last one that precedes
+# the assistant marker. DeepSeek-R1's template has none ("<｜User｜>...<｜Assistant｜>"): there the instruction goes
+# right before the assistant marker, which is where its user turn ends.
+USER_TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+
+
+def insert_in_user_turn(prompt_text: str, instruction: str) -> str:
+    """``instruction`` appended to the user turn's content of a templated prompt: after the content, before the
+    template's end-of-user-turn token (or before the assistant marker when the template has none), one space
+    apart, as the paper describes the perturbation (an instruction appended to the prompt's instruction).
+
+    Only the last user turn is touched: the end marker must be followed by nothing but whitespace up to the last
+    assistant marker. Without an assistant marker the instruction is appended to the text.
+    """
+    at = _last_assistant_marker(prompt_text)
+    if at < 0:
+        return _join(prompt_text, instruction)
+    head, tail = prompt_text[:at], prompt_text[at:]
+    for end in USER_TURN_END_MARKERS:
+        e = head.rfind(end)
+        if e >= 0 and not head[e + len(end):].strip():
+            return _join(head[:e], instruction) + head[e:] + tail
+    return _join(head, instruction) + tail
+
+
+def _last_assistant_marker(prompt_text: str) -> int:
+    for marker in ASSISTANT_MARKERS:
+        at = prompt_text.rfind(marker)
+        if at >= 0:
+            return at
+    return -1
+
+
+def _join(content: str, instruction: str) -> str:
+    """One space between them unless either side already brings whitespace."""
+    spaced = not content or content[-1].isspace() or instruction[:1].isspace()
+    return content + instruction if spaced else content + " " + instruction
+
+
+def perturbed_prompt_ids(prompt_ids: list[int], perturbation: str, position: str, tokenizer: _Tokenizer) -> list[int]:
+    """Token ids of a perturbed slot's prompt.
+
+    ``after_template``: the perturbation's ids right after the templated prompt, after the assistant marker (and
+    ``<think>\n``), no separator: the authors' code (brts-reference §11), where the instruction becomes the first
+    words of the teacher's reasoning. ``user``: the prompt decoded with its special tokens, the instruction put in
+    the user turn (``insert_in_user_turn``), re-encoded without adding any, as the Tier-2 hint is.
+    """
+    if position == AFTER_TEMPLATE:
+        return list(prompt_ids) + list(tokenizer.encode(perturbation, add_special_tokens=False))
+    if position != USER:
+        raise ValueError(f"perturb_position: must be one of {', '.join(PERTURB_POSITIONS)}, got {position!r}")
+    text = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+    return list(tokenizer.encode(insert_in_user_turn(text, perturbation), add_special_tokens=False))
 
 
 def leak_phrase(response_text: str) -> str | None:

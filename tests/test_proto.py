@@ -31,7 +31,7 @@ def test_field_numbers_match_the_contract():
     assert _numbers(teacher_pb2.Sampling) == {"temperature": 1, "top_p": 2, "top_k": 3, "max_new_tokens": 4, "seed": 5}
     assert _numbers(teacher_pb2.PromptRequest) == {
         "prompt_id": 1, "prompt_ids": 2, "ground_truth": 3, "n_tier1": 4, "n_tier2": 5, "pool_offset": 6,
-        "perturbation": 7, "perturb_slot": 8,
+        "perturbation": 7, "perturb_slot": 8, "tier2_keep_leaked": 9, "perturb_position": 10,  # 9, 10: issue #23
     }
     # fields are only ever added: cache_only (5) and PromptCandidates.missing (7) came with the server (issue #5)
     assert _numbers(teacher_pb2.CandidatesRequest) == {

@@ -110,8 +110,12 @@ def train_mode_without_dropout(model: nn.Module) -> list[str]:
 
 
 def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_checkpointing: bool = False,
-                  chunk_size: int = 1024) -> StudentLogProbs:
-    """FSDP2 over the decoder layers and the root; fp32 master weights always, bf16 compute on GPU when asked.
+                  chunk_size: int = 1024, master_dtype: str = "float32") -> StudentLogProbs:
+    """FSDP2 over the decoder layers and the root; bf16 compute when asked.
+
+    ``master_dtype``: the dtype of the parameters, hence of their gradients and the AdamW state. float32 (the
+    default) keeps small updates (lr 1e-6) from being rounded away; bfloat16 is what the authors' code runs
+    (brts-reference §10 item 7) and is there to reproduce it. Gradients are reduced in fp32 either way.
 
     The gradient divide factor is 1: the losses are already divided by the all-reduced token count of the whole
     step, so the reduce-scatter must SUM the ranks' gradients, not average them (that would divide twice).
@@ -119,7 +123,9 @@ def shard_student(model: nn.Module, info: DistInfo, bf16: bool, activation_check
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = model.to(device=info.device, dtype=torch.float32)
+    if master_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"master_dtype: must be float32 or bfloat16, got {master_dtype!r}")
+    model = model.to(device=info.device, dtype=getattr(torch, master_dtype))
     forced = train_mode_without_dropout(model)
     if forced and info.is_main:
         print(f"brts train: student dropout set to 0 ({', '.join(forced)})", flush=True)

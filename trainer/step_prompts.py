@@ -54,7 +54,8 @@ def teacher_requests(prompts: Sequence[StepPrompt], config: TrainConfig, step: i
     for sp in prompts:
         offset = pool_offset(config.freshness, config.n_candidates, sp.draw.epoch, step)
         out.append(Prompt(sp.prompt_id, sp.ids, sp.problem.answer, config.n_candidates, config.n_tier2, offset,
-                          config.perturbation or "", config.perturb_slot if config.perturbation else 0))
+                          config.perturbation or "", config.perturb_slot if config.perturbation else 0,
+                          tier2_keep_leaked=config.tier2_keep_leaked, perturb_position=config.perturb_position))
     return out
 
 

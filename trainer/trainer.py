@@ -72,7 +72,7 @@ class Trainer:
                   f"{config.max_steps}, run_dir {config.run_dir}", flush=True)
 
     def _build_student(self) -> tuple[torch.nn.Module, Any]:
-        """The FSDP2-sharded student (fp32 masters), its optimizer, and the updater that steps them."""
+        """The FSDP2-sharded student (``master_dtype`` masters), its optimizer, and the updater that steps them."""
         from transformers import AutoModelForCausalLM
 
         from brts.trainer.fsdp import shard_student
@@ -80,7 +80,8 @@ class Trainer:
 
         config, info = self.config, self.info
         model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32, local_files_only=True)
-        wrapper = shard_student(model, info, bf16=self.bf16, activation_checkpointing=config.activation_checkpointing)
+        wrapper = shard_student(model, info, bf16=self.bf16, activation_checkpointing=config.activation_checkpointing,
+                                master_dtype=config.master_dtype)
         optimizer = make_optimizer(wrapper, config.lr, tuple(config.betas), config.weight_decay)  # type: ignore[arg-type]
         updater = Updater(wrapper, optimizer, UpdateConfig(config.lam, config.grad_clip, config.token_budget),
                           info.device)

@@ -4,7 +4,8 @@ Why it is exact (the reference is not, brts-reference §8.2, §10 item 7):
 - each branch's loss is divided by the all-reduced count of masked-in tokens of the WHOLE step (every rank,
   every micro-batch), and FSDP2's divide factor is 1 (``fsdp.shard_student``), so gradients sum to the global
   token mean whatever the split;
-- master weights, gradients and the optimizer state are fp32 (bf16 is only the compute dtype on GPU);
+- master weights, gradients and the optimizer state are fp32 by default (bf16 is only the compute dtype on GPU;
+  ``master_dtype: bfloat16`` keeps them in bf16 as the authors' code does, then rounding makes it inexact);
 - every rank runs the same number of micro-batches per branch (ranks short of work run an all-masked one), so
   FSDP2's collectives always pair up.
 A step whose global gradient norm is not finite is skipped: the gradients are dropped, the weights untouched.

@@ -163,11 +163,12 @@ class CandidateCache:
         served = [ServedPrompt(job.prompt_id, cands, cache_hit=hit, missing=missing)
                   for job, (cands, hit, missing) in zip(jobs, fetched1)]
         retry = [n for n, job in enumerate(jobs) if tier2_fires(job, (c.correct for c in served[n].candidates))]
-        keep_leaked = self.pipeline.keep_leaked if self.pipeline is not None else False
+        server_keeps = self.pipeline.keep_leaked if self.pipeline is not None else False
         fetched2 = self._fetch([jobs[n] for n in retry], self._tier2_wants, samp, sampling, seed, k, generate)
         for n, (attempts, hit, missing) in zip(retry, fetched2):
             s = served[n]
             s.tier2_attempts = attempts
+            keep_leaked = server_keeps or jobs[n].keep_leaked
             s.candidates.extend(c for c in attempts if tier2_kept(c.correct, c.leaked, c.topk is not None, keep_leaked))
             s.cache_hit = s.cache_hit and hit
             s.missing += missing
@@ -218,9 +219,8 @@ class CandidateCache:
         wants = []
         for i, perturbed in tier1_slots(job):
             if perturbed:
-                addr = pool_address(
-                    "perturbed", self.teacher, job.prompt_ids, samp, perturbation=job.perturbation or ""
-                )
+                addr = pool_address("perturbed", self.teacher, job.prompt_ids, samp,
+                                    perturbation=job.perturbation or "", perturb_position=job.perturb_position)
                 wants.append(_Want(job, addr, TIER1, i, perturbed=True))
             else:
                 wants.append(_Want(job, plain, TIER1, i))

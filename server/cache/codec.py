@@ -237,6 +237,7 @@ class PoolHeader:
             and self.ground_truth == other.ground_truth
             and self.hint_version == other.hint_version
             and self.perturbation == other.perturbation
+            and self.extra.get("perturb_position") == other.extra.get("perturb_position")
         )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from brts.server.cache.codec import PoolHeader
 from brts.shared.engines.base import SamplingParams
-from brts.shared.hints import HINT_VERSION
+from brts.shared.hints import AFTER_TEMPLATE, HINT_VERSION
 
 KEY_VERSION = b"brts-pool-v1"
 POOL_KEY_BYTES = 16
@@ -54,6 +54,7 @@ def pool_address(
     ground_truth: str = "",
     perturbation: str = "",
     created: float = 0.0,
+    perturb_position: str = AFTER_TEMPLATE,
 ) -> PoolAddress:
     if kind not in KINDS:
         raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
@@ -63,14 +64,21 @@ def pool_address(
         raise ValueError("ground_truth: required for a Tier-2 pool (the hint holds it)")
     ids = np.asarray(prompt_ids, dtype=np.int32)
     hint_version = HINT_VERSION if kind == "tier2" else ""
+    # a perturbation placed inside the user turn samples after other ids: its own pool. after_template adds
+    # nothing to the header or the hash, so pools written before the setting existed keep their keys
+    placed = kind == "perturbed" and perturb_position != AFTER_TEMPLATE
     header = PoolHeader(
         kind=kind, teacher=teacher, prompt_ids=ids, sampling=dict(sampling),
         ground_truth=ground_truth if kind == "tier2" else "", hint_version=hint_version,
         perturbation=perturbation if kind == "perturbed" else "", created=created,
+        extra={"perturb_position": perturb_position} if placed else {},
     )
     h = hashlib.blake2b(digest_size=POOL_KEY_BYTES)
-    for part in (KEY_VERSION, kind.encode(), teacher.encode(), json.dumps(header.sampling, sort_keys=True).encode(),
-                 header.ground_truth.encode(), hint_version.encode(), header.perturbation.encode(), ids.tobytes()):
+    parts = [KEY_VERSION, kind.encode(), teacher.encode(), json.dumps(header.sampling, sort_keys=True).encode(),
+             header.ground_truth.encode(), hint_version.encode(), header.perturbation.encode(), ids.tobytes()]
+    if placed:
+        parts.append(f"perturb_position={perturb_position}".encode())
+    for part in parts:
         h.update(struct.pack("<Q", len(part)))  # length-prefixed, so no two field splits hash alike
         h.update(part)
     return PoolAddress(h.digest(), header)

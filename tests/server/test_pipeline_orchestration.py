@@ -134,10 +134,12 @@ class ScriptedEngine:
             text = self.tok.decode(list(req.prompt_ids))
             hinted = "SILENT_VALIDATION_KEY" in text
             problem = text.split("PROBLEM:")[1].split("<|im_end|>")[0].strip()
+            perturbed = PERTURB.strip() in text  # after the template (the end) or in the user turn
+            problem = problem.removesuffix(PERTURB.strip()).strip()
             table = self.tier2 if hinted else self.tier1
             gens = []
             for seed in req.seeds:
-                answer = table[problem](seed, text.endswith(PERTURB))
+                answer = table[problem](seed, perturbed)
                 ids = tuple(self.tok.encode(answer, add_special_tokens=False)) + (self.eos,)
                 gens.append(Generation(ids, "stop"))
             out.append(gens)
@@ -252,6 +254,34 @@ def test_perturbation_goes_to_one_slot_and_never_to_scoring(setup):
     assert all(item.token_ids[: item.response_start] == job.prompt_ids for item in scorer.items)
 
 
+def test_a_perturbation_in_the_user_turn_has_its_own_pool(setup):
+    """Issue #23: perturb_position "user" puts the instruction after the user's content, before <|im_end|>; its
+    pool is not the after_template pool (whose key, and so every existing cache, is unchanged)."""
+    tok, prompt, engine, scorer, cache = setup
+    c = cache()
+    after = PromptJob("p", prompt("perturbed"), "7", n_tier1=2, perturbation=PERTURB, perturb_slot=1)
+    user = PromptJob("p", prompt("perturbed"), "7", n_tier1=2, perturbation=PERTURB, perturb_slot=1,
+                     perturb_position="user")
+    (first,) = _get(c, [after])
+    calls = len(engine.calls)
+    (second,) = _get(c, [user])
+    assert [(x.perturbed, x.correct, x.cached) for x in second.candidates] == [(False, False, True),
+                                                                              (True, True, False)]
+    (drawn,) = engine.calls[calls:]  # one new draw: the user-turn slot; the plain slot came from the cache
+    assert len(drawn) == 1 and len(drawn[0].seeds) == 1
+    assert tok.decode(list(drawn[0].prompt_ids)) == (
+        "<|im_start|>user\nPROBLEM: perturbed Think twice.<|im_end|>\n<|im_start|>assistant\n")
+    assert all(item.token_ids[: item.response_start] == user.prompt_ids for item in scorer.items)
+    samp = sampling_key(SAMPLING, SEED)
+    old = pool_address("perturbed", TEACHER, after.prompt_ids, samp, perturbation=PERTURB)
+    assert pool_address("perturbed", TEACHER, after.prompt_ids, samp, perturbation=PERTURB,
+                        perturb_position="after_template").key == old.key
+    placed = pool_address("perturbed", TEACHER, after.prompt_ids, samp, perturbation=PERTURB, perturb_position="user")
+    assert placed.key != old.key and not placed.header.matches(old.header)
+    with pytest.raises(ValueError, match="perturb_position"):
+        PromptJob("x", (1,), "1", n_tier1=2, perturbation="t", perturb_slot=1, perturb_position="system")
+
+
 def test_a_wrong_tier2_attempt_is_stored_unscored_and_never_kept(setup):
     tok, prompt, engine, scorer, cache = setup
     c = cache()
@@ -276,6 +306,21 @@ def test_a_leaked_rescue_is_scored_and_kept_only_by_a_server_that_keeps_leaks(se
     assert [(cand.tier, cand.leaked, cand.cached) for cand in kept.candidates] == [
         (TIER1, False, True), (TIER2, True, True)]
     assert len(engine.calls) == calls and kept.cache_hit  # served as stored: nothing drawn or scored again
+
+
+def test_a_request_that_keeps_leaks_gets_the_leaked_rescue_from_a_strict_server(setup):
+    """Issue #23: tier2_keep_leaked is per request; the stored entries do not change (the leak flag is stored), so
+    the same cache serves both countings, and leaks are counted either way."""
+    tok, prompt, engine, scorer, cache = setup
+    c = cache()
+    strict = PromptJob("l", prompt("leaky"), "5", n_tier1=1, n_tier2=1)
+    keeping = PromptJob("l", prompt("leaky"), "5", n_tier1=1, n_tier2=1, keep_leaked=True)
+    (kept,) = _get(c, [keeping])
+    calls = len(engine.calls)
+    (dropped,) = _get(c, [strict])
+    assert [(x.tier, x.leaked) for x in kept.candidates] == [(TIER1, False), (TIER2, True)]
+    assert [x.tier for x in dropped.candidates] == [TIER1]
+    assert kept.tier2_leaked == dropped.tier2_leaked == 1 and len(engine.calls) == calls
 
 
 def test_seeds_depend_on_pool_index_not_on_batch(setup):

@@ -132,6 +132,8 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(server, prompt
     _expect(bad, cands(prompt={"n_tier2": 100000}), "prompts[0].n_tier2")
     _expect(bad, cands(prompt={"pool_offset": -5}), "prompts[0].pool_offset")
     _expect(bad, cands(prompt={"n_tier2": 1, "ground_truth": ""}), "prompts[0].ground_truth: required")
+    _expect(bad, cands(prompt={"perturb_position": "system"}), "prompts[0].perturb_position: must be one of user, "
+            "after_template")
     _expect(bad, cands(sampling=teacher_pb2.Sampling(temperature=-0.5)), "sampling.temperature")
     _expect(bad, cands(sampling=teacher_pb2.Sampling(top_p=1.5)), "sampling.top_p")
     _expect(bad, cands(sampling=teacher_pb2.Sampling(top_p=0.0)), "sampling.top_p")

@@ -114,6 +114,24 @@ def test_resume_continues_exactly(runs):
     assert baseline["stats"][0]["loss"] != baseline["stats"][3]["loss"]
 
 
+def test_bf16_masters_train_on_two_ranks_and_resume_exactly(tmp_path):
+    """Issue #23: ``master_dtype: bfloat16`` (the authors' bf16 parameters and AdamW state) on 2 gloo ranks; a DCP
+    resume after step 2 continues bit for bit like the uninterrupted 4 steps."""
+    run_dir = tmp_path / "run"
+    first = _run(2, tmp_path / "first.pt", "--run-dir", run_dir, "--baseline-steps", 4, "--steps", 2, "--save-at", 2,
+                 "--master-dtype", "bfloat16")
+    second = _run(2, tmp_path / "second.pt", "--run-dir", run_dir, "--resume", run_dir, "--steps", 4,
+                  "--master-dtype", "bfloat16")
+    baseline, saved, resumed = first["baseline"], first["run"], second["run"]
+    assert {w.dtype for w in baseline["weights"].values()} == {torch.bfloat16}
+    assert baseline["optimizer_dtypes"] == resumed["optimizer_dtypes"] == ["torch.bfloat16"]
+    _assert_equal_weights(resumed["loaded_weights"], saved["weights"])
+    assert [(s["loss"], s["grad_norm"]) for s in resumed["stats"]] == [
+        (s["loss"], s["grad_norm"]) for s in baseline["stats"][2:4]]
+    _assert_equal_weights(resumed["weights"], baseline["weights"])
+    assert baseline["stats"][0]["loss"] != baseline["stats"][3]["loss"]  # bf16 steps still move the weights
+
+
 def test_sigterm_saves_a_complete_checkpoint_that_resumes(runs):
     from brts.trainer.fsdp import StudentLogProbs
     from brts.trainer.update import UpdateConfig, Updater, make_optimizer

@@ -20,6 +20,7 @@ ROWS = {
     "paper_brts_n1": (1, True, 1, 0, "prefix", False, 1.0, 50051),
     "paper_brts_n2": (1, True, 2, 0, "prefix", False, 1.0, 50051),
     "paper_brts_n4": (1, True, 4, 0, "prefix", False, 1.0, 50051),
+    "paper_brts_n1_tier2": (1, True, 1, 1, "prefix", False, 1.0, 50051),  # Fig. 6d's composition row (issue #23)
     "paper_brts_n2_tier2": (1, True, 2, 1, "prefix", False, 1.0, 50051),
     "paper_brts_n4_tier2": (1, True, 4, 1, "prefix", False, 1.0, 50051),
     "paper_brts_n2_perturb": (1, True, 2, 0, "prefix", True, 1.0, 50051),
@@ -112,6 +113,26 @@ def test_paper_configs_run_at_the_papers_scale(path: Path):
     assert (config.perturbation is not None) == perturbed
     teacher = "DeepSeek-R1-Distill-Qwen-7B" if port == 50052 else "JustRL-DeepSeek-1.5B"
     assert teacher in path.read_text(encoding="utf-8").split("\n\n", 1)[0]
+    # issue #23: the paper's validation length, and our defaults where the code and the paper's intent differ
+    assert (config.eval_max_new_tokens, config.master_dtype, config.perturb_position, config.tier2_keep_leaked) == (
+        31744, "float32", "user", False)
+    header = path.read_text(encoding="utf-8").split("\n\n", 1)[0]
+    for source in ("- the paper's text:", "- the authors' code", "- guesses:", "master_dtype: bfloat16",
+                   "tier2_keep_leaked: true", "perturb_position: after_template"):
+        assert source in header, (path.name, source)
+
+
+def test_student_temperature_other_than_one_is_refused():
+    """Issue #23: the loss and the student's top-K are at T=1, so rollouts at another temperature are refused."""
+    with pytest.raises(ConfigError, match="train.rollout_temperature: must be 1.0") as info:
+        TrainConfig(student="s", rollout_temperature=0.7)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="train.perturb_position: must be one of user, after_template"):
+        TrainConfig(student="s", perturb_position="system")
+    with pytest.raises(ConfigError, match="train.master_dtype"):
+        TrainConfig(student="s", master_dtype="float16")
+    defaults = TrainConfig(student="s")
+    assert (defaults.perturb_position, defaults.tier2_keep_leaked, defaults.master_dtype) == ("user", False, "float32")
 
 
 def test_perturbation_row_uses_the_reference_text_and_second_slot():

@@ -52,6 +52,23 @@ def test_pool_windows_follow_the_freshness_policy():
 # ------------------------------------------------------------------------------------------------ student top-K
 
 
+def test_teacher_requests_carry_the_paper_settings():
+    """Issue #23: the trainer always sends perturb_position and tier2_keep_leaked (the server's unset values mean
+    the old behaviour, so the trainer's own defaults must travel explicitly)."""
+    from brts.shared.config import TrainConfig
+    from brts.shared.data import Problem
+    from brts.trainer.sampler import PromptDraw
+    from brts.trainer.step_prompts import StepPrompt, teacher_requests
+
+    sp = StepPrompt(PromptDraw(item=0, position=3, epoch=0), Problem("p0", "What is 1+1?", "2", "toy"), (1, 2, 3))
+    (default,) = teacher_requests([sp], TrainConfig(student="s", n_candidates=2, perturbation="Think."), step=0)
+    assert (default.perturb_position, default.tier2_keep_leaked, default.perturbation, default.perturb_slot) == (
+        "user", False, "Think.", 1)
+    config = TrainConfig(student="s", n_candidates=2, perturb_position="after_template", tier2_keep_leaked=True)
+    (other,) = teacher_requests([sp], config, step=0)
+    assert (other.perturb_position, other.tier2_keep_leaked, other.perturbation) == ("after_template", True, "")
+
+
 def test_student_topk_matches_a_plain_forward(tiny_qwen2_local):
     from brts.trainer.fsdp import StudentLogProbs
     from brts.trainer.student_forward import student_topk

@@ -5,8 +5,9 @@ The "sampler" is a position into a fixed stream of global batches (batch seeds 1
 lost it would train on other data. After each step every rank draws from torch, python ``random`` and numpy, so a
 resume that lost the RNG states shows. ``--baseline-steps N`` first runs an uninterrupted N-step run in the same
 processes (fresh model, no checkpoints) to compare with. Rank 0 writes to OUT (torch.save): per-step stats and
-draws (all ranks), the full fp32 weights after loading, at ``--dump-at`` steps and at the end, the train state,
-whether it stopped on a signal, and the error of a resume tried with another config (``--bad-config-resume``).
+draws (all ranks), the full weights (fp32, or bf16 with ``--master-dtype bfloat16``) after loading, at
+``--dump-at`` steps and at the end, the optimizer state's dtypes, the train state, whether it stopped on a signal,
+and the error of a resume tried with another config (``--bad-config-resume``).
 """
 
 import argparse
@@ -38,11 +39,11 @@ def full_weights(wrapper):
 def run(args, info: DistInfo, stopper: SigtermCheckpointer, steps: int, resume: str | None, save_at: set[int],
         save_every: int, dump_at: set[int], sleep: float) -> dict:
     cfg = TrainConfig(student="tiny-qwen2", run_dir=args.run_dir, lr=1e-3, lam=0.5, token_budget=64,
-                      max_steps=steps, save_every=save_every)
+                      max_steps=steps, save_every=save_every, master_dtype=args.master_dtype)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    wrapper = shard_student(model, info, bf16=False, chunk_size=16)
+    wrapper = shard_student(model, info, bf16=False, chunk_size=16, master_dtype=cfg.master_dtype)
     opt = make_optimizer(wrapper, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     updater = Updater(wrapper, opt, UpdateConfig(lam=cfg.lam, grad_clip=cfg.grad_clip, token_budget=cfg.token_budget),
                       info.device)
@@ -91,6 +92,8 @@ def run(args, info: DistInfo, stopper: SigtermCheckpointer, steps: int, resume: 
         time.sleep(sleep)
     result["final_step"], result["train_state"] = step, train_state
     result["weights"] = full_weights(wrapper)
+    result["optimizer_dtypes"] = sorted({str(v.dtype) for state in opt.state.values() for k, v in state.items()
+                                         if torch.is_tensor(v) and k != "step"})
     return result
 
 
@@ -107,6 +110,7 @@ def main() -> None:
     ap.add_argument("--bad-config-resume", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--progress", default=None)
+    ap.add_argument("--master-dtype", default="float32")
     args = ap.parse_args()
     ints = lambda s: {int(x) for x in s.split(",") if x}  # noqa: E731 - a one-line parser kept beside its uses
 
