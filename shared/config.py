@@ -36,7 +36,7 @@ BENCHMARKS = ("aime24", "aime25", "amc23")
 OverlapMode = Literal["prefix", "position"]
 #: What the selection's priority rule does when no candidate is correct (trainer/selection.py, Tier 3).
 Tier3Policy = Literal["most_similar", "skip"]
-#: Where a perturbation's extra instruction is placed (shared/hints.py: ``insert_instruction``).
+#: Where a perturbation's extra instruction is placed (shared/hints.py: ``perturbed_prompt_ids``).
 PerturbPosition = Literal["user", "after_template"]
 
 
