@@ -408,7 +408,9 @@ def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list
     seed_list = list(range(seeds))
     t0 = time.monotonic()
     say(f"brts demo: [5/5] writing the report to {paths.report}")
-    write_report(run_dirs, paths.report)
+    # the untrained student's evaluation (same problems, same seeds) is every run's step 0 in eval.png
+    write_report(run_dirs, paths.report, start_points={
+        paths.run_dir(m, q).name: {s.metric: before[q]} for m in METHODS for q in seed_list})
     timings["report"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - t_all
     summary = summarize(before, [_records(paths.run_dir("brts", q)) for q in seed_list],

@@ -241,6 +241,9 @@ class TrainConfig(_Validated):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # the dtype of the parameters and the optimizer state; "bfloat16" reproduces the authors' runs (fp32 is exact)
     master_dtype: Literal["float32", "bfloat16"] = "float32"
+    # a (K+1)-th tail bucket in each branch's loss (trainer/losses.py, "Tail buckets"); off = the paper's losses
+    sc_tail: bool = False
+    tc_tail: bool = False
     activation_checkpointing: bool = False
     save_every: int = 20
     eval_every: int = 10
@@ -259,15 +262,16 @@ class TrainConfig(_Validated):
     eval_top_p: float = 0.95
     eval_max_new_tokens: int = 0  # 0: max_response_len
     eval_limit: int | None = None
+    eval_at_start: bool = False  # also evaluate before the first step (step 0): a before/after in the report
     eval_dataset: str | None = None  # a JSONL/parquet of problem/answer rows evaluated beside eval_benchmarks
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def check(self) -> None:
         self.require(bool(self.student.strip()), "student", "must be a model directory")
-        if self.eval_every:
+        if self.eval_every or self.eval_at_start:
             self.require(bool(self.eval_benchmarks) or bool(self.eval_dataset), "eval_benchmarks",
-                         "must name at least one benchmark or set eval_dataset when eval_every > 0")
+                         "must name at least one benchmark or set eval_dataset when eval_every > 0 or eval_at_start")
         self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
         _check_tolerance(self)

@@ -217,6 +217,8 @@ class StepRunner:
             c.add("cache_hits", res.cache_hit)
             c.add("candidates", len(res.candidates))
             c.add("tier1_any_correct", any(x.correct for x in pool.tier1))
+            c.add("tier1_correct", sum(x.correct for x in pool.tier1))
+            c.add("tier1_candidates", len(pool.tier1))
             c.add("tier2_drawn", res.tier2_drawn > 0)
             c.add("tier2_rescued", any(x.correct for x in pool.tier2))
             c.add("tier2_leaked", res.tier2_leaked)

@@ -35,6 +35,33 @@ and must surface. Dropped entries are removed from the weights'
 softmax (w and π are renormalised over the finite entries only) and from the sum, and receive
 exactly zero gradient (never NaN). A position with no finite entry contributes nothing.
 
+Tail buckets (options ``sc_tail``, ``tc_tail``; off by default)
+-------------------------------------------------------------
+Renormalising over the K entries ignores how much mass each side puts OUTSIDE the set, so a student can shrink
+its own top-K mass without the loss noticing (verl's maintainers called plain top-K reverse KL unstable for it).
+With a tail, each side's distribution is its full-vocabulary probabilities on the kept entries plus a (K+1)-th
+bucket holding the rest: p_k = exp(a_k), p_T = 1 − Σ_k p_k (q likewise). Entries dropped as padding (including
+teacher ids beyond the student's vocabulary, turned into padding upstream) are simply not kept, so their mass
+lands in both tails. A tail below ``TAIL_FLOOR`` counts as ``TAIL_FLOOR`` (computed in float64 from
+logsumexp, 1 − Σ rounds to ~1e-7 in fp32 anyway): no log 0, no division by 0.
+
+L_SC with a tail, the reverse KL over K+1 buckets, per position:
+
+    D = Σ_k p_k (a_k − b_k) + p_T (log p_T − log q_T).
+
+Since ∂p_T/∂a_k = −p_k and Σ_k p_k + p_T = 1, ∂D/∂a_k = p_k (a_k − b_k) + p_k − p_k r − p_k = p_k (a_k − b_k − r),
+r = log p_T − log q_T. This is also the score-function form: ∇D = Σ_buckets p_i (log p_i − log q_i) ∇ log p_i, the
+tail's ∇ log p_T being −Σ_k p_k ∇a_k / p_T. So the surrogate keeps its shape, with new coefficients:
+
+    L_SC = Σ_{masked t} [ D_t + Σ_k sg(p_k (a_k − b_k − r)) · (a_k − sg(a_k)) ] / N.
+
+L_TC with a tail, the forward KL over the teacher's K+1 buckets, per position:
+
+    F = Σ_k q_k (c_k − ℓ_k) + q_T (log q_T − log p_T),   ∂F/∂ℓ_k = −q_k + q_T p_k / p_T,
+
+and L_TC = Σ_{masked t} [ F_t + Σ_k sg(∂F/∂ℓ_k) · (ℓ_k − sg(ℓ_k)) ] / N (p_T floored in both the value and the
+gradient, so the gradient stays finite when the student has put all its mass on the teacher's set).
+
 Normaliser N
 ------------
 `num_tokens` defaults to ``mask.sum()`` (token-mean over this call's tokens, the reference's
@@ -58,9 +85,14 @@ __all__ = [
     "dual_branch_loss",
     "student_context_loss",
     "teacher_context_loss",
+    "topk_masses",
+    "TAIL_FLOOR",
 ]
 
 NumTokens = int | float | torch.Tensor | None
+
+#: The smallest tail mass a tail bucket takes (see "Tail buckets" above).
+TAIL_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,48 @@ def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return e / torch.where(s > 0, s, torch.ones_like(s))
 
 
+def _tail_logmass(logprobs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log max(1 − Σ_kept exp(x), TAIL_FLOOR) per position, in float64; 0 (a tail of 1) where nothing is kept."""
+    x = torch.where(keep, logprobs.detach().double(), torch.tensor(float("-inf"), dtype=torch.float64,
+                                                                   device=logprobs.device))
+    tail = -torch.expm1(torch.logsumexp(x, dim=-1))
+    return torch.log(tail.clamp_min(TAIL_FLOOR))
+
+
+def _kept_probs(logprobs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """exp(x) at kept entries, 0 elsewhere, float64, detached."""
+    return torch.where(keep, torch.exp(torch.where(keep, logprobs.detach().double(), 0.0)), 0.0)
+
+
+def _with_tail_sc(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D per position, sg coefficient of a_k) of L_SC with a tail bucket (module docstring), float64."""
+    p = _kept_probs(a, keep)
+    log_pt, log_qt = _tail_logmass(a, keep), _tail_logmass(b, keep)
+    r = log_pt - log_qt
+    diff = torch.where(keep, a.detach().double() - b.double(), 0.0)
+    value = (p * diff).sum(dim=-1) + torch.exp(log_pt) * r
+    return value, p * (diff - r.unsqueeze(-1))
+
+
+def _with_tail_tc(ell: torch.Tensor, c: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F per position, sg coefficient of ℓ_k) of L_TC with a tail bucket (module docstring), float64."""
+    q, p = _kept_probs(c, keep), _kept_probs(ell, keep)
+    log_qt, log_pt = _tail_logmass(c, keep), _tail_logmass(ell, keep)
+    diff = torch.where(keep, c.double() - ell.detach().double(), 0.0)
+    q_tail = torch.exp(log_qt)
+    value = (q * diff).sum(dim=-1) + q_tail * (log_qt - log_pt)
+    return value, -q + (q_tail / torch.exp(log_pt)).unsqueeze(-1) * p
+
+
+def topk_masses(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over masked positions of the student's and of the teacher's probability mass on the kept entries (the
+    entries a branch's loss uses), float64, detached: divided by the token count, the per-token top-K masses."""
+    _check_shapes("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs, mask)
+    keep = _valid_entries(student_logprobs, teacher_logprobs, mask)
+    return _kept_probs(student_logprobs, keep).sum(), _kept_probs(teacher_logprobs, keep).sum()
+
+
 def _normalise(total: torch.Tensor, mask: torch.Tensor, num_tokens: NumTokens) -> torch.Tensor:
     """total / N, and an exact, graph-connected 0 when N == 0 (no NaN, no host sync)."""
     if num_tokens is None:
@@ -142,6 +216,7 @@ def student_context_loss(
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     num_tokens: NumTokens = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Top-K reverse KL on the student's rollout, in score-function form (brts-reference §8.1).
 
@@ -149,6 +224,7 @@ def student_context_loss(
     `teacher_logprobs` b [..., K]: log q at the same ids; `mask` [...] bool; `num_tokens` N.
     Value: Σ_masked D / N with D = Σ_k w_k (a_k − b_k), w = softmax_K(a) detached. Gradient w.r.t.
     a_k: w_k (a_k − b_k) / N (not w_k / N, which autograd of the value would give; §8.3's bug).
+    ``tail``: the (K+1)-bucket form of the module docstring instead (value D, gradient p_k (a_k − b_k − r) / N).
     Returns a 0-d tensor in at least float32.
     """
     _check_shapes("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs, mask)
@@ -159,6 +235,10 @@ def student_context_loss(
     a = torch.where(keep, student_logprobs.to(dtype), zero)
     b = torch.where(keep, teacher_logprobs.detach().to(dtype), zero)
     a_sg = a.detach()
+    if tail:
+        value, coef = _with_tail_sc(a, b, keep)
+        per_position = value.to(dtype) + (coef.to(dtype) * (a - a_sg)).sum(dim=-1)
+        return _normalise(per_position.sum(), mask, num_tokens)
     w = _masked_softmax(a_sg, keep)
     coef = w * (a_sg - b)  # sg(w_k (a_k - b_k)); exactly 0 at dropped entries
     per_position = coef.sum(dim=-1) + (coef * (a - a_sg)).sum(dim=-1)
@@ -170,12 +250,14 @@ def teacher_context_loss(
     teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
     num_tokens: NumTokens = None,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Forward KL to the teacher's top-K on the selected trajectory (brts-reference §8.3 `teacher_topk`).
 
     `student_logprobs` ℓ [..., K] (with grad) at the TEACHER's top-K ids; `teacher_logprobs` c
     [..., K]: the teacher's top-K log-probs; π = softmax_K(c). Value Σ_masked Σ_k π_k (c_k − ℓ_k) / N,
-    gradient −π_k / N. Returns a 0-d tensor in at least float32.
+    gradient −π_k / N. ``tail``: the (K+1)-bucket form of the module docstring instead (value F, gradient
+    (−q_k + q_T p_k / p_T) / N). Returns a 0-d tensor in at least float32.
     """
     _check_shapes("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs, mask)
     dtype = _compute_dtype(student_logprobs)
@@ -183,6 +265,10 @@ def teacher_context_loss(
     zero = torch.zeros((), dtype=dtype, device=student_logprobs.device)
     ell = torch.where(keep, student_logprobs.to(dtype), zero)
     c = torch.where(keep, teacher_logprobs.detach().to(dtype), zero)
+    if tail:
+        value, coef = _with_tail_tc(ell, c, keep)
+        per_position = value.to(dtype) + (coef.to(dtype) * (ell - ell.detach())).sum(dim=-1)
+        return _normalise(per_position.sum(), mask, num_tokens)
     pi = _masked_softmax(c, keep)
     per_position = (pi * (c - ell)).sum(dim=-1)
     return _normalise(per_position.sum(), mask, num_tokens)
@@ -198,6 +284,8 @@ def dual_branch_loss(
     lam: float = 1.0,
     sc_num_tokens: NumTokens = None,
     tc_num_tokens: NumTokens = None,
+    sc_tail: bool = False,
+    tc_tail: bool = False,
 ) -> DualBranchLoss:
     """L = L_SC + λ·L_TC, each branch a token-mean over its own mask (brts-reference §8.4).
 
@@ -206,11 +294,11 @@ def dual_branch_loss(
     skipped individually are simply masked out of `tc_mask`.
     """
     LossConfig(lam=lam)  # validates λ
-    l_sc = student_context_loss(sc_student_logprobs, sc_teacher_logprobs, sc_mask, sc_num_tokens)
+    l_sc = student_context_loss(sc_student_logprobs, sc_teacher_logprobs, sc_mask, sc_num_tokens, tail=sc_tail)
     tc_given = [x is not None for x in (tc_student_logprobs, tc_teacher_logprobs, tc_mask)]
     if all(tc_given):
         assert tc_student_logprobs is not None and tc_teacher_logprobs is not None and tc_mask is not None
-        l_tc = teacher_context_loss(tc_student_logprobs, tc_teacher_logprobs, tc_mask, tc_num_tokens)
+        l_tc = teacher_context_loss(tc_student_logprobs, tc_teacher_logprobs, tc_mask, tc_num_tokens, tail=tc_tail)
     elif not any(tc_given):
         l_tc = torch.zeros((), dtype=l_sc.dtype, device=l_sc.device)
     else:

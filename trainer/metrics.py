@@ -11,6 +11,7 @@ twice; TensorBoard gets ``purge_step`` for the same reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ SUM_KEYS = (
     "tier1_any_correct", "tier2_drawn", "tier2_rescued", "tier2_leaked", "cache_hits", "candidates",
     "chosen_overlap_sum", "chosen_overlap_n", "other_overlap_sum", "other_overlap_n", "ts_overlap_sum",
     "ts_overlap_n", "chosen_tokens", "chosen_n", "selection_sequences", "teacher_failures", "tc_ids_beyond_vocab",
-    "candidates_beyond_vocab",
+    "candidates_beyond_vocab", "tier1_correct", "tier1_candidates",
 )
 
 
@@ -64,6 +65,15 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _iid_catch_rate(correct: float, candidates: float, prompts: float) -> float | None:
+    """1 − (1 − p)^N: the share of prompts with at least one correct Tier-1 candidate if the N candidates per prompt
+    were independent draws at the step's per-candidate accuracy p (the paper's Fig. 5 compares the two)."""
+    if not candidates or not prompts:
+        return None
+    p, n = correct / candidates, candidates / prompts
+    return 1.0 - (1.0 - p) ** n
+
+
 def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> dict[str, Any]:
     """The logged record of one step from the reduced counters and the update's ``StepStats``."""
     prompts = g["prompts"]
@@ -79,6 +89,9 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
         "tier/1": _ratio(g["tier1"], decided), "tier/2": _ratio(g["tier2"], decided),
         "tier/3": _ratio(g["tier3"], decided), "tier/skip": _ratio(g["skip"], decided),
         "tier1_any_correct": _ratio(g["tier1_any_correct"], prompts),
+        # Fig. 5: the catch rate above against what N i.i.d. samples at the per-candidate accuracy p would give
+        "tier1_candidate_accuracy": _ratio(g["tier1_correct"], g["tier1_candidates"]),
+        "tier1_catch_rate_iid": _iid_catch_rate(g["tier1_correct"], g["tier1_candidates"], prompts),
         "tier2/drawn": int(g["tier2_drawn"]), "tier2/rescued": int(g["tier2_rescued"]),
         "tier2/leaked": int(g["tier2_leaked"]),
         "overlap/chosen": _ratio(g["chosen_overlap_sum"], g["chosen_overlap_n"]),
@@ -94,6 +107,9 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
         "teacher/candidates_beyond_student_vocab": int(g["candidates_beyond_vocab"]),
         "tokens_per_s": _ratio(stats.sc_tokens + stats.tc_tokens + g["response_tokens"], step_s),
     }
+    for key in ("sc_student_mass", "sc_teacher_mass", "tc_teacher_mass", "tc_student_mass"):  # issue #24
+        value = getattr(stats, key, float("nan"))
+        rec[key] = value if math.isfinite(value) else None
     rec.update({k: round(v, 4) for k, v in g.items() if k.startswith("time/")})
     return rec
 

@@ -83,8 +83,8 @@ class Trainer:
         wrapper = shard_student(model, info, bf16=self.bf16, activation_checkpointing=config.activation_checkpointing,
                                 master_dtype=config.master_dtype)
         optimizer = make_optimizer(wrapper, config.lr, tuple(config.betas), config.weight_decay)  # type: ignore[arg-type]
-        updater = Updater(wrapper, optimizer, UpdateConfig(config.lam, config.grad_clip, config.token_budget),
-                          info.device)
+        updater = Updater(wrapper, optimizer, UpdateConfig(config.lam, config.grad_clip, config.token_budget,
+                                                           config.sc_tail, config.tc_tail), info.device)
         return wrapper, updater
 
     def _restore(self, resume: str | None, wrapper: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -135,6 +135,11 @@ class Trainer:
         config = self.config
         self.checkpoints.watch_signals()
         step = self.start
+        if config.eval_at_start and step == 0:  # the untrained student: the report's step-0 point
+            rec0: dict[str, Any] | None = {"step": 0} if self.is_main else None
+            self._evaluate(0, rec0, force=True)
+            if self.writer is not None and rec0 is not None:
+                self.writer.write(rec0)
         try:
             while step < config.max_steps:
                 rec = self.train_step(step)
@@ -154,12 +159,14 @@ class Trainer:
         """One BRTS step (collective): the metrics record on rank 0, None elsewhere."""
         return self.runner.run_step(step)
 
-    def _evaluate(self, step: int, rec: dict[str, Any] | None) -> None:
-        """Every ``eval_every`` steps and at the last: rank 0 evaluates with its rollout engine, the others wait."""
+    def _evaluate(self, step: int, rec: dict[str, Any] | None, force: bool = False) -> None:
+        """Every ``eval_every`` steps and at the last (or when ``force``d: ``eval_at_start``): rank 0 evaluates
+        with its rollout engine, the others wait."""
         from brts.trainer.evaluate import evaluate_in_training
 
         config = self.config
-        if not config.eval_every or (step % config.eval_every and step != config.max_steps):
+        due = bool(config.eval_every) and (step % config.eval_every == 0 or step == config.max_steps)
+        if not (due or force):
             return
         if self.is_main:
             evals = evaluate_in_training(config, self.rollouts.engine, self.spec, step)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from brts.trainer.fsdp import fsdp_modules
-from brts.trainer.losses import student_context_loss, teacher_context_loss
+from brts.trainer.losses import student_context_loss, teacher_context_loss, topk_masses
 from brts.trainer.microbatch import (
     DUMMY_RESPONSE_START,
     DUMMY_TOKENS,
@@ -88,6 +88,8 @@ class UpdateConfig:
     lam: float = 1.0
     grad_clip: float = 1.0
     token_budget: int = 32768  # padded tokens per micro-batch
+    sc_tail: bool = False  # a (K+1)-th tail bucket in L_SC (losses.py, "Tail buckets")
+    tc_tail: bool = False  # the same in L_TC
 
 
 @dataclass
@@ -100,6 +102,11 @@ class StepStats:
     sc_tokens: int
     tc_tokens: int
     micro_batches: int
+    # per-token top-K probability masses (issue #24); NaN for a branch with no tokens in the step
+    sc_student_mass: float = float("nan")  # the student's mass on its own top-K
+    sc_teacher_mass: float = float("nan")  # the teacher's mass on that same set
+    tc_teacher_mass: float = float("nan")  # the teacher's mass on its top-K (the chosen candidate)
+    tc_student_mass: float = float("nan")  # the student's mass on that set
 
 
 def _collate(batch: Sequence[TrainSequence], k: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -149,20 +156,23 @@ class Updater:
             plan = lockstep_plan([int(s.token_ids.numel()) for s in seqs], cfg.token_budget, self.device)
             plans += [(branch, [seqs[i] for i in batch] or [_dummy(k)], k, n) for batch in plan]
         totals = {"sc": torch.zeros((), dtype=torch.float64), "tc": torch.zeros((), dtype=torch.float64)}
+        masses = torch.zeros(4, dtype=torch.float64)  # sc student, sc teacher, tc student, tc teacher
         self.optimizer.zero_grad(set_to_none=True)
         for i, (branch, batch, k, n) in enumerate(plans):
             self._set_sync(i == len(plans) - 1)
             input_ids, attention, positions, ids, teacher_lp, mask = _collate(batch, k, self.device)
             student_lp = self.wrapper(input_ids, attention, positions, ids)
+            at = 0 if branch == "sc" else 2
+            masses[at : at + 2] += torch.stack(topk_masses(student_lp.detach(), teacher_lp, mask)).cpu()
             if branch == "sc":
-                loss = student_context_loss(student_lp, teacher_lp, mask, num_tokens=n)
+                loss = student_context_loss(student_lp, teacher_lp, mask, num_tokens=n, tail=cfg.sc_tail)
                 (loss).backward()
             else:
-                loss = teacher_context_loss(student_lp, teacher_lp, mask, num_tokens=n)
+                loss = teacher_context_loss(student_lp, teacher_lp, mask, num_tokens=n, tail=cfg.tc_tail)
                 (cfg.lam * loss).backward()
             totals[branch] += loss.detach().double().cpu()
         self._set_sync(True)
-        sc, tc = all_reduce_sum([float(totals["sc"]), float(totals["tc"])], self.device)
+        sc, tc, *mass = all_reduce_sum([float(totals["sc"]), float(totals["tc"]), *masses.tolist()], self.device)
         params = [p for p in self.wrapper.parameters() if p.grad is not None]
         grad_norm = 0.0
         if params:
@@ -174,7 +184,9 @@ class Updater:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(sc + cfg.lam * tc, sc, tc, grad_norm, skipped, int(n_sc), int(n_tc), len(plans))
+        per = lambda total, n: total / n if n else float("nan")  # noqa: E731 - a one-line helper beside its use
+        return StepStats(sc + cfg.lam * tc, sc, tc, grad_norm, skipped, int(n_sc), int(n_tc), len(plans),
+                         per(mass[0], n_sc), per(mass[1], n_sc), per(mass[3], n_tc), per(mass[2], n_tc))
 
 
 def make_optimizer(wrapper: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

@@ -38,6 +38,9 @@ METRIC_KEYS = {
     "overlap/teacher_student_topk", "length/rollout", "length/chosen", "cache_hit_rate", "tokens_per_s",
     "time/rollout", "time/teacher_wait", "time/score_wait", "time/selection_forward", "time/student_topk",
     "time/update", "time/weight_push", "time/step",
+    # issue #24: Fig. 5's catch rate against the i.i.d. prediction, and the top-K masses of both branches
+    "tier1_candidate_accuracy", "tier1_catch_rate_iid", "sc_student_mass", "sc_teacher_mass", "tc_teacher_mass",
+    "tc_student_mass",
 }
 
 
@@ -65,6 +68,9 @@ def test_three_steps_two_ranks_log_every_metric_and_checkpoint(uninterrupted):
         assert rec["tokens/teacher_context"] > 0 and rec["tokens/student_context"] > 0
         assert abs(rec["tier/1"] + rec["tier/2"] + rec["tier/3"] + rec["tier/skip"] - 1) < 1e-9
         assert rec["time/step"] >= rec["time/update"] > 0 and rec["tokens_per_s"] > 0
+        for key in ("tier1_candidate_accuracy", "tier1_catch_rate_iid", "sc_student_mass", "sc_teacher_mass",
+                    "tc_teacher_mass", "tc_student_mass"):
+            assert 0.0 <= rec[key] <= 1.0 + 1e-6, (key, rec[key])
     assert recs[0]["loss"] != recs[-1]["loss"]
     # in-training evaluation at the last step (eval_every=3): the same code as `brts eval`, merged into the line
     assert "eval/amc23/mean@2" in recs[2] and "eval/amc23/maj@2_bootstrap" in recs[2]
@@ -219,21 +225,27 @@ def _wider_teacher(toy_teacher_dir: Path, folder: Path, extra: int = 128) -> Pat
     return folder
 
 
-def test_a_teacher_wider_than_the_student_trains(toy_teacher_dir, env, tmp_path):
+def test_a_teacher_wider_than_the_student_trains_with_tails(toy_teacher_dir, env, tmp_path):
     """Issue #23, bug 3: a teacher whose logits dimension exceeds the student's (152,064 vs 151,936). Its cached
     top-K ids beyond the student's vocabulary become padding in the teacher-context rows (counted), instead of
-    killing the step."""
+    killing the step. The same run has both tail buckets on (issue #24: the padded ids' mass goes to the tails)
+    and evaluates before its first step (eval_at_start: a step-0 record)."""
     teacher = _wider_teacher(toy_teacher_dir, tmp_path / "wide-teacher")
     server = ServerProcess(teacher, tmp_path / "cache")
     run = tmp_path / "run"
     try:
-        cfg = _config(env, "wide", server=server.address, run_dir=str(run), max_steps=2, launch={"nproc": 1})
+        cfg = _config(env, "wide", server=server.address, run_dir=str(run), max_steps=2, launch={"nproc": 1},
+                      sc_tail=True, tc_tail=True, eval_at_start=True, eval_benchmarks=["amc23"], eval_limit=2,
+                      eval_n=1, eval_max_new_tokens=8)
         r = train("--config", str(cfg))
     finally:
         server.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    recs = metrics(run)
+    start, *recs = metrics(run)
+    assert start["step"] == 0 and "eval/amc23/mean@1" in start and "loss" not in start  # eval_at_start
+    assert (run / "eval" / "step_000000.jsonl").is_file()
     assert [x["step"] for x in recs] == [1, 2]
     assert sum(x["teacher/topk_ids_beyond_student_vocab"] for x in recs) > 0  # the wide ids really came
     for rec in recs:
         assert math.isfinite(rec["loss/teacher_context"]) and rec["tokens/teacher_context"] > 0
+        assert math.isfinite(rec["loss/student_context"]) and 0 < rec["tc_student_mass"] <= 1
