@@ -61,17 +61,20 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
               help="Folder for everything the demo writes (models, cache, runs, report); reused when run again.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Training seeds per method.")
 @click.option("--retrain", is_flag=True, help="Train the runs again (the fits, the cache and the evaluations stay).")
-def demo(out: str, seeds: int, retrain: bool) -> None:
+@click.option("--tails", is_flag=True,
+              help="Train with a tail bucket in both losses (sc_tail, tc_tail), to compare with a demo without; "
+                   "use another --out (copying models/, cache/ and eval-before/ over reuses them).")
+def demo(out: str, seeds: int, retrain: bool, tails: bool) -> None:
     """BRTS vs OPD end to end on a CPU in minutes: serve, prewarm, train, eval, report.
 
     Fits a toy teacher and a weaker toy student, serves the teacher on loopback with an LMDB cache, prewarms it,
     trains BRTS and the student-only OPD baseline with the same budget over SEEDS seeds, evaluates before and
     after, writes plots and prints the table. Interrupted, it resumes where it stopped when run again.
     """
-    from brts.demo import DemoError, run_demo
+    from brts.demo import DemoError, DemoSettings, run_demo
 
     try:
-        run_demo(out, seeds=seeds, retrain=retrain, say=click.echo)
+        run_demo(out, seeds=seeds, retrain=retrain, settings=DemoSettings(tails=tails), say=click.echo)
     except DemoError as exc:
         click.echo(f"brts demo: {exc}", err=True)
         sys.exit(1)

@@ -62,6 +62,7 @@ class DemoSettings:
     max_new_tokens: int = 24
     eval_n: int = 4
     eval_temperature: float = 0.7
+    tails: bool = False  # both branches' losses with a tail bucket (sc_tail, tc_tail; trainer/losses.py)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -135,6 +136,7 @@ def _write_train_configs(paths: DemoPaths, s: DemoSettings) -> dict[str, Path]:
         "keep_checkpoints": 1, "eval_every": s.steps, "eval_benchmarks": [], "eval_dataset": str(paths.problems),
         "eval_n": s.eval_n, "eval_temperature": s.eval_temperature, "eval_max_new_tokens": s.max_new_tokens,
         "prompt": _prompt_config(), "sampling": {"max_new_tokens": s.max_new_tokens}, "launch": {"nproc": 1},
+        "sc_tail": s.tails, "tc_tail": s.tails,
     }
     paths.configs.mkdir(parents=True, exist_ok=True)
     files = {}

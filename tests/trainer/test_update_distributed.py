@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).parent / "dist_scripts" / "update_worker.py"
@@ -23,8 +24,14 @@ def _run(tmp_path: Path, world: int, steps: int = 3, mode: str = "ok") -> dict:
     return torch.load(out, weights_only=False)
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """The default 3-step run at 2 ranks, shared by the tests that compare with it."""
+    return _run(tmp_path_factory.mktemp("update"), 2)
+
+
+def test_two_ranks_equal_one_process(tmp_path, two_ranks):
+    one, two = _run(tmp_path, 1), two_ranks
     for a, b in zip(one["stats"], two["stats"]):
         assert a["sc_tokens"] == b["sc_tokens"] and a["tc_tokens"] == b["tc_tokens"]
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
@@ -37,11 +44,11 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert moved < 1e-5
 
 
-def test_activation_checkpointing_recomputes_every_layer_and_changes_nothing(tmp_path):
+def test_activation_checkpointing_recomputes_every_layer_and_changes_nothing(tmp_path, two_ranks):
     """Issue #23: the student is in training mode, so checkpointing really runs (each layer's MLP runs twice per
     micro-batch: forward and recomputation), and 2 ranks with it on give the same losses, gradient norms and
     weights as with it off."""
-    off, on = _run(tmp_path, 2, steps=2), _run(tmp_path, 2, steps=2, mode="ac")
+    off, on = two_ranks, _run(tmp_path, 2, mode="ac")
     assert on["training"] and off["training"] and on["checkpointing"] and not off["checkpointing"]
     for a, b, calls_on, calls_off in zip(off["stats"], on["stats"], on["mlp_calls"], off["mlp_calls"]):
         assert calls_off == [a["micro_batches"]] * len(calls_off), calls_off  # one forward per micro-batch
