@@ -72,7 +72,7 @@ RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every",
                                         "launch", "keep_checkpoints", "server_token_file", "server_tls_ca",
                                         "server_retries", "wandb_project", "eval_benchmarks", "eval_n",
                                         "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_limit",
-                                        "eval_dataset", "teacher_agreement_tolerance")
+                                        "eval_dataset", "eval_at_start", "teacher_agreement_tolerance")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
