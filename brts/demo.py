@@ -65,7 +65,10 @@ class DemoSettings:
     tails: bool = False  # both branches' losses with a tail bucket (sc_tail, tc_tail; trainer/losses.py)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not fields["tails"]:
+            del fields["tails"]  # so demos made before the option existed keep their key (and their folder)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def metric(self) -> str:
