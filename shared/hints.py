@@ -44,9 +44,8 @@ def inject_hint(prompt_text: str, hint: str) -> str:
     ``prefix.rstrip() + "\\n\\n" + hint + "\\n\\n" + marker + suffix``, where the suffix after the marker (such as
     ``<think>\\n``) is kept; with no marker the hint is appended after a blank line.
     """
-    at = _last_assistant_marker(prompt_text)
+    at, marker = _last_assistant_marker(prompt_text)
     if at >= 0:
-        marker = next(m for m in ASSISTANT_MARKERS if prompt_text.startswith(m, at))
         prefix, suffix = prompt_text[:at], prompt_text[at + len(marker) :]
         return prefix.rstrip() + "\n\n" + hint + "\n\n" + marker + suffix
     return prompt_text + "\n\n" + hint
@@ -114,7 +113,7 @@ def insert_in_user_turn(prompt_text: str, instruction: str) -> str:
     Only the last user turn is touched: the end marker must be followed by nothing but whitespace up to the last
     assistant marker. Without an assistant marker the instruction is appended to the text.
     """
-    at = _last_assistant_marker(prompt_text)
+    at, _ = _last_assistant_marker(prompt_text)
     if at < 0:
         return _join(prompt_text, instruction)
     head, tail = prompt_text[:at], prompt_text[at:]
@@ -125,12 +124,14 @@ def insert_in_user_turn(prompt_text: str, instruction: str) -> str:
     return _join(head, instruction) + tail
 
 
-def _last_assistant_marker(prompt_text: str) -> int:
+def _last_assistant_marker(prompt_text: str) -> tuple[int, str]:
+    """(where, which): the last occurrence of the first marker in ``ASSISTANT_MARKERS`` order that is present;
+    (-1, "") without one."""
     for marker in ASSISTANT_MARKERS:
         at = prompt_text.rfind(marker)
         if at >= 0:
-            return at
-    return -1
+            return at, marker
+    return -1, ""
 
 
 def _join(content: str, instruction: str) -> str:

@@ -206,11 +206,12 @@ class StepRunner:
         if not _agree_ok(ok, self.device):
             return {}, False, why
         pools: list[Pool] = []
+        vocab = self.student_vocab
         for sp in prompts:
             res = results[sp.prompt_id]
             # a candidate with a token the student has no embedding for (a wider teacher's padding id) can be
             # neither scored by the student nor trained on: it leaves the pool, counted
-            usable = [x for x in res.candidates if int(max(x.token_ids, default=0)) < self.student_vocab]
+            usable = [x for x in res.candidates if x.token_ids.size == 0 or int(x.token_ids.max()) < vocab]
             c.add("candidates_beyond_vocab", len(res.candidates) - len(usable))
             pool = Pool.of(usable)
             pools.append(pool)
