@@ -11,7 +11,8 @@ import click
 @click.option("--model", required=True, type=click.Path(), help="Model directory (e.g. `brts train export` output).")
 @click.option("--benchmarks", default="aime24,aime25,amc23", show_default=True,
               help="Comma-separated bundled sets (aime24, aime25, amc23); empty with --dataset for a file only.")
-@click.option("--dataset", type=click.Path(dir_okay=False), help="Any JSONL/parquet with problem and answer columns.")
+@click.option("--dataset", type=click.Path(dir_okay=False), multiple=True,
+              help="Any JSONL/parquet with problem and answer columns, named by its file stem; may be repeated.")
 @click.option("--n", type=int, default=4, show_default=True, help="Samples per problem.")
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
@@ -25,7 +26,7 @@ import click
 @click.option("--instruction-suffix", default=None, help="Text after the problem [the boxed-answer instruction].")
 @click.option("--device", default="auto", show_default=True, help="hf engine: cpu, cuda, cuda:1, auto.")
 @click.option("--dtype", default="auto", show_default=True, help="float32, bfloat16 or auto.")
-def eval_(model: str, benchmarks: str, dataset: str | None, n: int, temperature: float, top_p: float,
+def eval_(model: str, benchmarks: str, dataset: tuple[str, ...], n: int, temperature: float, top_p: float,
           max_new_tokens: int, engine: str, limit: int | None, out: str, seed: int, tokenizer: str | None,
           chat_template: str | None, instruction_suffix: str | None, device: str, dtype: str) -> None:
     """Evaluate a model on AIME 2024/2025 and AMC 2023: mean@n, pass@n, majority@n and the paper's bootstraps."""
@@ -33,8 +34,8 @@ def eval_(model: str, benchmarks: str, dataset: str | None, n: int, temperature:
 
     prompt = {k: v for k, v in (("tokenizer", tokenizer or model), ("chat_template", chat_template),
                                 ("instruction_suffix", instruction_suffix)) if v is not None}
-    data = {"model": model, "benchmarks": [b for b in benchmarks.split(",") if b.strip()], "dataset": dataset, "n": n,
-            "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "engine": engine,
+    data = {"model": model, "benchmarks": [b for b in benchmarks.split(",") if b.strip()], "dataset": list(dataset),
+            "n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "engine": engine,
             "limit": limit, "out": out, "seed": seed, "prompt": prompt}
     try:
         config = from_dict(EvalConfig, data)

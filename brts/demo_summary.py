@@ -1,8 +1,9 @@
 """The demo's result table, computed from its outputs only (pure: no I/O, no torch).
 
 Why a separate module: the numbers the demo prints are the claim it makes ("BRTS beat OPD by this much, over these
-seeds"), so they are computed by small functions that a test can feed by hand: accuracy per seed before training
-and after each method, the Tier composition the BRTS runs actually trained on, and the teacher-cache hit rates.
+seeds"), so they are computed by small functions that a test can feed by hand: accuracy per evaluation set (the
+training problems, the held-out ones) and seed, before training and after each method, the Tier composition the BRTS
+runs actually trained on, the chosen candidates' overlap gap, and the teacher-cache hit rates.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Accuracy", "DemoSummary", "accuracy", "format_summary", "final_eval", "summarize", "tier_composition"]
+__all__ = ["ROW_LABELS", "SET_LABELS", "Accuracy", "DemoSummary", "accuracy", "final_eval", "format_summary",
+           "overlap_gap", "summarize", "tier_composition"]
 
 
 @dataclass(frozen=True)
@@ -34,24 +36,30 @@ class Accuracy:
         return math.sqrt(sum((x - m) ** 2 for x in self.per_seed) / (n - 1))
 
 
+SET_LABELS = {"problems": "training problems", "held_out": "held-out problems"}
+ROW_LABELS = ("before (untrained student)", "after OPD (student-only)", "after BRTS")
+
+
 @dataclass(frozen=True)
 class DemoSummary:
-    metric: str
-    rows: tuple[Accuracy, ...]
+    """The demo's claim: per evaluation set, the (before, after OPD, after BRTS) rows; what BRTS trained on."""
+
+    eval_n: int
+    sets: dict[str, tuple[Accuracy, ...]]
     tiers: dict[str, float]
     tier2: dict[str, int]
     train_hit_rate: float
+    overlap: dict[str, float] = field(default_factory=dict)
     prewarm: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "metric": self.metric,
-            "accuracy": {
-                r.label: {"mean": r.mean, "spread": r.spread, "per_seed": list(r.per_seed)} for r in self.rows
-            },
+            "metric": f"mean@{self.eval_n}",
+            "accuracy": {name: {r.label: {"mean": r.mean, "spread": r.spread, "per_seed": list(r.per_seed)}
+                                for r in rows} for name, rows in self.sets.items()},
             "tiers": self.tiers, "tier2": self.tier2, "train_cache_hit_rate": self.train_hit_rate,
-            "prewarm": self.prewarm, "timings_s": self.timings,
+            "overlap": self.overlap, "prewarm": self.prewarm, "timings_s": self.timings,
         }
 
 
@@ -94,38 +102,72 @@ def mean_hit_rate(runs: Sequence[Sequence[Mapping[str, Any]]]) -> float:
     return sum(rates) / len(rates) if rates else math.nan
 
 
-def summarize(before: Sequence[float], brts_runs: Sequence[Sequence[Mapping[str, Any]]],
-              opd_runs: Sequence[Sequence[Mapping[str, Any]]], metric: str, prewarm: Mapping[str, Any] | None = None,
+def overlap_gap(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, float]:
+    """The chosen candidate's top-K overlap with the live student beside the other candidates', averaged over
+    every step that has both: a gap near 0 means "closest to the student" decided nothing (issue #25)."""
+    pairs = [(float(r["overlap/chosen"]), float(r["overlap/others"])) for records in runs for r in records
+             if r.get("overlap/chosen") is not None and r.get("overlap/others") is not None]
+    if not pairs:
+        return {}
+    chosen, others = (sum(x) / len(pairs) for x in zip(*pairs))
+    return {"chosen": chosen, "others": others, "gap": chosen - others, "steps": float(len(pairs))}
+
+
+def summarize(before: Mapping[str, Sequence[float]], brts_runs: Sequence[Sequence[Mapping[str, Any]]],
+              opd_runs: Sequence[Sequence[Mapping[str, Any]]], eval_n: int, prewarm: Mapping[str, Any] | None = None,
               timings: Mapping[str, float] | None = None) -> DemoSummary:
-    """The table's content: before / after OPD / after BRTS accuracies (one value per seed each), the BRTS runs'
-    Tier composition and the training-time cache hit rate (OPD has no teacher branch, so no candidates)."""
+    """The table's content: per evaluation set (``before`` names them: ``{set: [value per seed]}``), the before /
+    after OPD / after BRTS accuracies, one value per seed each; the BRTS runs' Tier composition, overlap gap and
+    training-time cache hit rate (OPD has no teacher branch, so no candidates)."""
     tiers, tier2 = tier_composition(brts_runs)
-    rows = (accuracy("before (untrained student)", before),
-            accuracy("after OPD (student-only)", [final_eval(r, metric) for r in opd_runs]),
-            accuracy("after BRTS", [final_eval(r, metric) for r in brts_runs]))
-    return DemoSummary(metric, rows, tiers, tier2, mean_hit_rate(brts_runs), dict(prewarm or {}), dict(timings or {}))
+    sets = {}
+    for name, values in before.items():
+        metric = f"eval/{name}/mean@{eval_n}"
+        sets[name] = (accuracy(ROW_LABELS[0], values),
+                      accuracy(ROW_LABELS[1], [final_eval(r, metric) for r in opd_runs]),
+                      accuracy(ROW_LABELS[2], [final_eval(r, metric) for r in brts_runs]))
+    return DemoSummary(eval_n, sets, tiers, tier2, mean_hit_rate(brts_runs), overlap_gap(brts_runs),
+                       dict(prewarm or {}), dict(timings or {}))
 
 
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.0%}"
 
 
+def _table(s: DemoSummary) -> list[str]:
+    """One row per model, two columns per evaluation set: mean ± sd over seeds, and the values per seed."""
+    head = [""]
+    for name in s.sets:
+        head += [f"{SET_LABELS.get(name, name)}: mean@{s.eval_n} (mean ± sd)", "per seed"]
+    cells = []
+    for i, label in enumerate(ROW_LABELS):
+        row = [label]
+        for rows in s.sets.values():
+            r = rows[i]
+            row += [f"{r.mean:.3f} ± {r.spread:.3f}", " ".join(f"{v:.3f}" for v in r.per_seed)]
+        cells.append(row)
+    w = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    lines = ["| " + " | ".join(f"{h:<{x}}" for h, x in zip(head, w)) + " |", "|" + "|".join("-" * (x + 2) for x in w)
+             + "|"]
+    return lines + ["| " + " | ".join(f"{c:<{x}}" for c, x in zip(row, w)) + " |" for row in cells]
+
+
 def format_summary(s: DemoSummary) -> str:
-    """The printed table (Markdown, so the same text goes into ``summary.md``)."""
-    head = f"{s.metric} (mean ± sd over seeds)"
-    cells = [(r.label, f"{r.mean:.3f} ± {r.spread:.3f}", " ".join(f"{v:.3f}" for v in r.per_seed)) for r in s.rows]
-    w = [max(len(c[i]) for c in [("", head, "per seed"), *cells]) for i in range(3)]
-    lines = [f"| {'':<{w[0]}} | {head:<{w[1]}} | {'per seed':<{w[2]}} |",
-             "|" + "|".join("-" * (x + 2) for x in w) + "|"]
-    lines += [f"| {a:<{w[0]}} | {b:<{w[1]}} | {c:<{w[2]}} |" for a, b, c in cells]
-    before, opd, brts = s.rows
+    """The printed table and the lines under it (Markdown, so the same text goes into ``summary.md``)."""
+    lines = _table(s)
     lines.append("")
-    lines.append(f"BRTS - OPD: {brts.mean - opd.mean:+.3f}; BRTS - before: {brts.mean - before.mean:+.3f} "
-                 f"({'BRTS >= OPD' if brts.mean >= opd.mean else 'BRTS < OPD'} on this run)")
+    for name, (before, opd, brts) in s.sets.items():
+        lines.append(f"{SET_LABELS.get(name, name)}: BRTS - OPD: {brts.mean - opd.mean:+.3f}; BRTS - before: "
+                     f"{brts.mean - before.mean:+.3f}; OPD - before: {opd.mean - before.mean:+.3f} "
+                     f"({'BRTS >= OPD' if brts.mean >= opd.mean else 'BRTS < OPD'} on this run)")
     t = s.tiers
     lines.append(f"Tier composition of the BRTS runs' prompts: Tier 1 {_pct(t['1'])}, Tier 2 {_pct(t['2'])}, "
                  f"Tier 3 {_pct(t['3'])}, skipped {_pct(t['skip'])}; Tier 2 drawn {s.tier2['drawn']}, "
                  f"rescued {s.tier2['rescued']}, leaking hints dropped {s.tier2['leaked']}")
+    if s.overlap:
+        o = s.overlap
+        lines.append(f"Top-K overlap with the live student: chosen candidate {o['chosen']:.3f}, the others "
+                     f"{o['others']:.3f} (gap {o['gap']:+.3f}, over {o['steps']:.0f} steps)")
     p = s.prewarm
     if p:
         lines.append(f"Teacher cache: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already "

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,15 +38,27 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from brts.shared.data import Problem
+from brts.toy_task import (  # re-exported: the task and the fit are one public surface
+    STYLES,
+    TOY_CHAT_TEMPLATE,
+    TOY_SOURCE,
+    TOY_VOCAB_SIZE,
+    all_problems,
+    check_styles,
+    make_problems,
+    parse_problem,
+    toy_prompt_spec,
+    toy_response,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from brts.shared.engines.base import GenerationEngine, SamplingParams
-    from brts.shared.prompts import PromptSpec
 
 __all__ = [
     "QUALITIES",
+    "STYLES",
     "TOY_CHAT_TEMPLATE",
     "TOY_SOURCE",
     "TOY_VOCAB_SIZE",
@@ -63,18 +74,8 @@ __all__ = [
     "toy_response",
 ]
 
-TOY_SOURCE = "toy-arith"
-#: The real Qwen2.5 logits dimension (the tokenizer has 151,665 ids; the rest are padding rows).
-TOY_VOCAB_SIZE = 151_936
-#: Minimal ChatML: no default system prompt (Qwen's own template would add ~20 tokens of it), and still the
-#: ``<|im_start|>assistant`` marker that ``brts.shared.hints.inject_hint`` looks for.
-TOY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 _FIT_FORMAT_VERSION = 1
 _MARKER = "toy_fit.json"
-_PROBLEM_RE = re.compile(r"^What is (\d+)([+-])(\d+)\?$")
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,12 @@ class ToyFitSettings:
     eval_size: int = 256
     seed: int = 0
     max_context: int = 8192  # room for the pipeline's long max_new_tokens defaults; RoPE costs no weights
+    # the response forms (brts.toy_task.STYLES), one drawn per training row; several make correct answers differ
+    styles: tuple[str, ...] = ("work",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "styles", tuple(self.styles))  # a list from JSON or a caller: one form only
+        check_styles(self.styles)
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy: must be in (0, 1], got {self.target_accuracy}")
         if not 0 <= self.hint_fraction <= 1:
@@ -108,7 +113,10 @@ class ToyFitSettings:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
     def key(self) -> str:
-        blob = json.dumps({"version": _FIT_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if tuple(fields["styles"]) == ("work",):
+            del fields["styles"]  # so fits made before styles existed (the test suite's cached ones) keep their key
+        blob = json.dumps({"version": _FIT_FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -117,59 +125,6 @@ QUALITIES: dict[str, ToyFitSettings] = {
     "teacher": ToyFitSettings(),
     "student": ToyFitSettings(intermediate_size=128, target_accuracy=0.3, hint_fraction=0.0, seed=1),
 }
-
-# ---------------------------------------------------------------------------------------------------- task
-
-
-def make_problems(n: int, seed: int = 0, max_operand: int = 20) -> list[Problem]:
-    """``n`` problems "What is a+b?" / "What is a-b?" with 0 <= a, b <= max_operand; answers may be negative.
-
-    Deterministic in (n, seed, max_operand): the first m problems of n > m are the same m problems.
-    """
-    if n < 0 or max_operand < 1:
-        raise ValueError(f"make_problems: need n >= 0 and max_operand >= 1, got n={n}, max_operand={max_operand}")
-    rng = random.Random(f"toy-arith:{seed}:{max_operand}")
-    out = []
-    for i in range(n):
-        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
-        out.append(Problem(id=f"toy-{seed}-{i}", problem=f"What is {a}{op}{b}?",
-                           answer=str(a + b if op == "+" else a - b), source=TOY_SOURCE))
-    return out
-
-
-def parse_problem(problem: Problem | str) -> tuple[int, str, int]:
-    """(a, op, b) of a toy problem text; ValueError for anything else."""
-    text = problem.problem if isinstance(problem, Problem) else problem
-    m = _PROBLEM_RE.match(text)
-    if m is None:
-        raise ValueError(f"problem: {text!r} is not a toy problem ('What is a+b?' or 'What is a-b?')")
-    return int(m.group(1)), m.group(2), int(m.group(3))
-
-
-def toy_response(problem: Problem | str) -> str:
-    """The reference response (without EOS): the working, then the boxed answer."""
-    a, op, b = parse_problem(problem)
-    c = a + b if op == "+" else a - b
-    return f"{a}{op}{b}={c}. \\boxed{{{c}}}"
-
-
-def toy_prompt_spec(tokenizer: PreTrainedTokenizerBase | None = None) -> PromptSpec:
-    """The toy's PromptSpec: bundled Qwen2.5 tokenizer, TOY_CHAT_TEMPLATE, no system prompt, no suffix."""
-    from brts.shared.prompts import PromptSpec
-    from brts.shared.tokenizer import load_tokenizer
-
-    tok = tokenizer if tokenizer is not None else load_tokenizer("qwen2.5-instruct")
-    return PromptSpec(tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE, instruction_suffix="", max_prompt_len=256)
-
-
-def _all_problems(max_operand: int) -> list[Problem]:
-    """Every problem of the task space, in a fixed order (training samples from these)."""
-    return [
-        Problem(id=f"all-{op}-{a}-{b}", problem=f"What is {a}{op}{b}?", answer=str(a + b if op == "+" else a - b),
-                source=TOY_SOURCE)
-        for op in "+-" for a in range(max_operand + 1) for b in range(max_operand + 1)
-    ]
-
 
 # ---------------------------------------------------------------------------------------------------- fitting
 
@@ -251,7 +206,7 @@ class _ToyTask:
     eos: list[int]
     prompts: list[list[int]]
     hinted: list[list[int]]
-    responses: list[list[int]]
+    responses: list[list[list[int]]]  # per style, per problem
     active: list[int]
     to_compact: dict[int, int]
 
@@ -267,21 +222,24 @@ def _encode_task(s: ToyFitSettings) -> _ToyTask:
     spec = toy_prompt_spec()
     tok = spec.tokenizer
     eos = [int(tok.convert_tokens_to_ids("<|im_end|>")), int(tok.convert_tokens_to_ids("<|endoftext|>"))]
-    space = _all_problems(s.max_operand)
+    space = all_problems(s.max_operand)
     prompts = spec.encode_batch([p.problem for p in space])
     hinted = [hinted_prompt_ids(ids, p.answer, tok) for ids, p in zip(prompts, space)]
-    responses = [ids + [eos[0]] for ids in tok([toy_response(p) for p in space], add_special_tokens=False)["input_ids"]]
-    active = sorted({i for seqs in (prompts, hinted, responses) for ids in seqs for i in ids} | set(eos))
+    responses = [[ids + [eos[0]] for ids in tok([toy_response(p, style) for p in space],
+                                                add_special_tokens=False)["input_ids"]] for style in s.styles]
+    active = sorted({i for seqs in (prompts, hinted, *responses) for ids in seqs for i in ids} | set(eos))
     return _ToyTask(tokenizer=tok, eos=eos, prompts=prompts, hinted=hinted, responses=responses, active=active,
                     to_compact={full: c for c, full in enumerate(active)})
 
 
-def _batch(task: _ToyTask, indices: Sequence[int], hint_flags: Sequence[bool]) -> tuple[torch.Tensor, ...]:
-    """(ids, attention mask, response-target mask, targets) in compact ids, right-padded."""
+def _batch(task: _ToyTask, indices: Sequence[int], hint_flags: Sequence[bool],
+           styles: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask, response-target mask, targets) in compact ids, right-padded; ``styles`` picks each
+    row's response form (index into the fit's styles; the first when None)."""
     seqs, starts = [], []
-    for j, h in zip(indices, hint_flags):
+    for row, (j, h) in enumerate(zip(indices, hint_flags)):
         p = task.hinted[j] if h else task.prompts[j]
-        seqs.append([task.to_compact[i] for i in p + task.responses[j]])
+        seqs.append([task.to_compact[i] for i in p + task.responses[styles[row] if styles else 0][j]])
         starts.append(len(p))
     longest = max(len(q) for q in seqs)
     ids = torch.zeros((len(seqs), longest), dtype=torch.long)
@@ -301,18 +259,21 @@ def _logits_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, target_mask: t
     return model.lm_head(hidden[target_mask])
 
 
-def _exact_match(model: Any, eval_batch: tuple[torch.Tensor, ...]) -> float:
-    """Share of eval problems whose every response token is the full-vocabulary argmax (= greedy gets it)."""
+def _exact_match(model: Any, eval_batches: Sequence[tuple[torch.Tensor, ...]]) -> float:
+    """Share of eval problems whose every response token is the full-vocabulary argmax (= greedy gets it) in at
+    least one style (one batch per style, the same problems in each)."""
     model.eval()
+    right = None
     with torch.no_grad():
-        ids, mask, tmask, targets = eval_batch
-        logits = _logits_at(model, ids, mask, tmask)
-        # an inactive id has logit 0: if every active logit is below 0, greedy would pick an inactive id
-        pred = torch.where(logits.max(-1).values > 0, logits.argmax(-1), torch.full_like(targets, -1))
-        row_of = tmask.nonzero()[:, 0]
-        wrong = torch.bincount(row_of, weights=(pred != targets).double(), minlength=ids.shape[0])
+        for ids, mask, tmask, targets in eval_batches:
+            logits = _logits_at(model, ids, mask, tmask)
+            # an inactive id has logit 0: if every active logit is below 0, greedy would pick an inactive id
+            pred = torch.where(logits.max(-1).values > 0, logits.argmax(-1), torch.full_like(targets, -1))
+            row_of = tmask.nonzero()[:, 0]
+            wrong = torch.bincount(row_of, weights=(pred != targets).double(), minlength=ids.shape[0])
+            right = (wrong == 0) if right is None else right | (wrong == 0)
     model.train()
-    return float((wrong == 0).double().mean())
+    return float(right.double().mean())
 
 
 def _train(model: Any, task: _ToyTask, s: ToyFitSettings, rng: random.Random, t0: float,
@@ -325,14 +286,17 @@ def _train(model: Any, task: _ToyTask, s: ToyFitSettings, rng: random.Random, t0
     n_problems, rest = len(task.prompts), task.inactive_logsumexp
     eval_rng = random.Random(s.seed + 10_000)
     eval_idx = [eval_rng.randrange(n_problems) for _ in range(s.eval_size)]
-    eval_batch = _batch(task, eval_idx, [False] * len(eval_idx))
+    eval_batches = [_batch(task, eval_idx, [False] * len(eval_idx), [k] * len(eval_idx))
+                    for k in range(len(task.responses))]
 
     acc, step = 0.0, 0
     for step in range(1, s.steps + 1):
         # Hinted prompts are ~8x longer: they come as whole (half-size) batches so that plain batches stay short.
         hint = rng.random() < s.hint_fraction
         idx = [rng.randrange(n_problems) for _ in range(s.batch_size // 2 if hint else s.batch_size)]
-        ids, mask, tmask, targets = _batch(task, idx, [hint] * len(idx))
+        # one style per row; with one style no draw at all, so single-style fits keep their random stream
+        styles = [rng.randrange(len(task.responses)) for _ in idx] if len(task.responses) > 1 else None
+        ids, mask, tmask, targets = _batch(task, idx, [hint] * len(idx), styles)
         logits = _logits_at(model, ids, mask, tmask)
         full = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest)], dim=-1)
         loss = torch.nn.functional.cross_entropy(full, targets)
@@ -342,7 +306,7 @@ def _train(model: Any, task: _ToyTask, s: ToyFitSettings, rng: random.Random, t0
         opt.step()
         sched.step()
         if step % s.eval_every == 0:
-            acc = _exact_match(model, eval_batch)
+            acc = _exact_match(model, eval_batches)
             if verbose:
                 print(f"step {step} loss {loss.item():.4f} exact-match {acc:.3f} ({time.perf_counter() - t0:.1f}s)")
             if acc >= s.target_accuracy:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 from brts.shared.config_base import (  # re-exported (__all__): callers import every config name from here
     ConfigError,
@@ -26,8 +27,8 @@ from brts.shared.prompts import DEFAULT_INSTRUCTION_SUFFIX
 
 __all__ = ["BENCHMARKS", "MAX_LOGPROB_K", "ConfigError", "EvalConfig", "OverlapMode", "PerturbPosition",
            "PrewarmConfig", "PromptConfig", "SamplingConfig", "ServerConfig", "Tier3Policy", "TrainConfig",
-           "_Validated", "_merge", "from_dict", "is_loopback", "load_config", "parse_overrides", "read_config_file",
-           "save_config"]
+           "_Validated", "_merge", "dataset_names", "from_dict", "is_loopback", "load_config", "parse_overrides",
+           "read_config_file", "save_config"]
 
 MAX_LOGPROB_K = 64
 BENCHMARKS = ("aime24", "aime25", "amc23")
@@ -171,6 +172,22 @@ def _check_tolerance(config: Any) -> None:
                    "must be > 0 nats, or unset for the default of the teacher's dtype")
 
 
+def dataset_names(files: Sequence[str]) -> list[str]:
+    """The name each evaluation file's results go under: its file stem (``data/held_out.jsonl`` -> ``held_out``)."""
+    return [Path(f).stem for f in files]
+
+
+def _check_dataset_names(config: Any, field_name: str, files: Sequence[str], benchmarks: Sequence[str]) -> None:
+    """Evaluation files are named by their stems, so two with the same stem (or a stem that is a bundled
+    benchmark's name) would write over each other's results."""
+    seen: set[str] = set(benchmarks)
+    for name in dataset_names(files):
+        if name in seen:
+            config.fail(field_name, f"two evaluation sets would both be named {name!r} (files are named by their "
+                                    "stem, beside the bundled benchmarks); rename one file")
+        seen.add(name)
+
+
 @dataclass
 class PrewarmConfig(_Validated):
     """`brts prewarm`: fill a server's cache over a dataset as its client."""
@@ -263,7 +280,9 @@ class TrainConfig(_Validated):
     eval_max_new_tokens: int = 0  # 0: max_response_len
     eval_limit: int | None = None
     eval_at_start: bool = False  # also evaluate before the first step (step 0): a before/after in the report
-    eval_dataset: str | None = None  # a JSONL/parquet of problem/answer rows evaluated beside eval_benchmarks
+    # JSONL/parquet files of problem/answer rows evaluated beside eval_benchmarks, each named by its file stem
+    # (a training set and a held-out set give eval/problems/... and eval/held_out/...); a string is one file
+    eval_dataset: tuple[str, ...] = ()
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -272,6 +291,7 @@ class TrainConfig(_Validated):
         if self.eval_every or self.eval_at_start:
             self.require(bool(self.eval_benchmarks) or bool(self.eval_dataset), "eval_benchmarks",
                          "must name at least one benchmark or set eval_dataset when eval_every > 0 or eval_at_start")
+        _check_dataset_names(self, "eval_dataset", self.eval_dataset, self.eval_benchmarks)
         self.require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
         self.require(self.server_retries >= 0, "server_retries", "must be >= 0")
         _check_tolerance(self)
@@ -317,7 +337,7 @@ class EvalConfig(_Validated):
     SECTION = "eval"
     model: str = ""
     benchmarks: tuple[str, ...] = BENCHMARKS
-    dataset: str | None = None
+    dataset: tuple[str, ...] = ()  # JSONL/parquet files evaluated beside benchmarks, each named by its file stem
     n: int = 4
     temperature: float = 0.7
     top_p: float = 0.95
@@ -335,8 +355,9 @@ class EvalConfig(_Validated):
         for name in self.benchmarks:
             if name not in BENCHMARKS:
                 self.fail("benchmarks", f"unknown benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
-        self.require(bool(self.benchmarks) or self.dataset is not None, "benchmarks",
+        self.require(bool(self.benchmarks) or bool(self.dataset), "benchmarks",
                      "must name at least one benchmark or give dataset")
+        _check_dataset_names(self, "dataset", self.dataset, self.benchmarks)
         self.require(self.n >= 1, "n", "must be >= 1")
         self.require(self.temperature >= 0, "temperature", "must be >= 0")
         self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

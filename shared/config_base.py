@@ -47,6 +47,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             _fail(path, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
     if origin is tuple:
+        if value is None:  # YAML's empty value (``key:``), and configs saved when a field was ``str | None``
+            value = []
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):

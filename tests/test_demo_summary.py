@@ -1,28 +1,31 @@
-"""The demo's table from hand-made metrics lines: accuracies per seed, spread, tiers, hit rate, and its errors."""
+"""The demo's table from hand-made metrics lines: accuracies per set and seed, spread, tiers, overlap gap, hit rate,
+and its errors."""
 
 import math
 
 import pytest
 
-from brts.demo_summary import accuracy, final_eval, format_summary, summarize, tier_composition
+from brts.demo_summary import accuracy, final_eval, format_summary, overlap_gap, summarize, tier_composition
 
 METRIC = "eval/problems/mean@4"
+HELD = "eval/held_out/mean@4"
 
 
-def _run(final: float, tiers=(1.0, 0.0, 0.0, 0.0), prompts=8, hit=1.0, tier2=(0, 0, 0), steps=2):
+def _run(final: float, tiers=(1.0, 0.0, 0.0, 0.0), prompts=8, hit=1.0, tier2=(0, 0, 0), steps=2, held=0.0,
+         overlap=(None, None)):
     lines = []
     for step in range(1, steps + 1):
         r = {"step": step, "prompts": prompts, "cache_hit_rate": hit, "tier/1": tiers[0], "tier/2": tiers[1],
              "tier/3": tiers[2], "tier/skip": tiers[3], "tier2/drawn": tier2[0], "tier2/rescued": tier2[1],
-             "tier2/leaked": tier2[2]}
+             "tier2/leaked": tier2[2], "overlap/chosen": overlap[0], "overlap/others": overlap[1]}
         if step == steps:
-            r[METRIC] = final
+            r[METRIC], r[HELD] = final, held
         lines.append(r)
     return lines
 
 
-def _opd(final: float):
-    return [{"step": 1, "prompts": 8, "tier/1": None}, {"step": 2, "prompts": 8, METRIC: final}]
+def _opd(final: float, held: float = 0.0):
+    return [{"step": 1, "prompts": 8, "tier/1": None}, {"step": 2, "prompts": 8, METRIC: final, HELD: held}]
 
 
 def test_mean_and_sample_spread_over_seeds():
@@ -53,24 +56,44 @@ def test_tier_composition_is_weighted_by_prompts_and_ignores_runs_without_a_teac
 
 
 def test_summary_rows_and_table_text():
-    s = summarize([0.25, 0.26, 0.24], [_run(0.34, hit=1.0), _run(0.36, hit=0.5), _run(0.35, hit=1.0)],
-                  [_opd(0.24), _opd(0.26), _opd(0.25)], METRIC,
+    s = summarize({"problems": [0.25, 0.26, 0.24], "held_out": [0.2, 0.2, 0.2]},
+                  [_run(0.34, hit=1.0, held=0.1), _run(0.36, hit=0.5, held=0.2), _run(0.35, hit=1.0, held=0.3)],
+                  [_opd(0.24, 0.25), _opd(0.26, 0.25), _opd(0.25, 0.25)], 4,
                   prewarm={"prompts": 64, "cache_hits": 64, "tokens_generated": 0, "seconds": 1.5},
                   timings={"total": 300.0})
-    before, opd, brts = s.rows
+    before, opd, brts = s.sets["problems"]
     assert (
         before.per_seed == (0.25, 0.26, 0.24) and opd.mean == pytest.approx(0.25) and brts.mean == pytest.approx(0.35)
     )
+    assert [r.mean for r in s.sets["held_out"]] == pytest.approx([0.2, 0.25, 0.2])
     assert s.train_hit_rate == pytest.approx(5 / 6)
     text = format_summary(s)
-    assert "0.350 ± 0.010" in text and "0.250 ± 0.010" in text
-    assert "BRTS - OPD: +0.100" in text and "BRTS >= OPD" in text
+    assert "0.350 ± 0.010" in text and "0.250 ± 0.010" in text and "0.200 ± 0.100" in text
+    head = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    assert head == ["", "training problems: mean@4 (mean ± sd)", "per seed", "held-out problems: mean@4 (mean ± sd)",
+                    "per seed"]
+    assert "training problems: BRTS - OPD: +0.100" in text and "BRTS >= OPD" in text
+    assert "held-out problems: BRTS - OPD: -0.050; BRTS - before: +0.000; OPD - before: +0.050" in text
     assert "64/64 prompts already cached" in text and "hit rate 83%" in text
     assert "Tier 1 100%" in text and "total 300 s" in text
+    assert "overlap" not in text  # no step had both overlaps
     d = s.as_dict()
-    assert d["accuracy"]["after BRTS"]["per_seed"] == [0.34, 0.36, 0.35] and d["prewarm"]["cache_hits"] == 64
+    assert d["accuracy"]["problems"]["after BRTS"]["per_seed"] == [0.34, 0.36, 0.35]
+    assert d["accuracy"]["held_out"]["after BRTS"]["per_seed"] == [0.1, 0.2, 0.3] and d["metric"] == "mean@4"
+    assert d["prewarm"]["cache_hits"] == 64
 
 
 def test_a_losing_brts_is_reported_as_such():
-    s = summarize([0.3], [_run(0.2)], [_opd(0.4)], METRIC)
+    s = summarize({"problems": [0.3]}, [_run(0.2)], [_opd(0.4)], 4)
     assert "BRTS < OPD" in format_summary(s) and "BRTS - OPD: -0.200" in format_summary(s)
+    assert list(s.sets) == ["problems"] and "held-out" not in format_summary(s)
+
+
+def test_the_overlap_gap_averages_steps_that_have_both_overlaps():
+    runs = [_run(0.3, overlap=(0.9, 0.6)), _run(0.3, overlap=(0.7, 0.6), steps=1), _run(0.3)]
+    gap = overlap_gap(runs)
+    assert gap["chosen"] == pytest.approx((0.9 * 2 + 0.7) / 3) and gap["others"] == pytest.approx(0.6)
+    assert gap["gap"] == pytest.approx(gap["chosen"] - 0.6) and gap["steps"] == 3
+    assert overlap_gap([_run(0.3)]) == {}
+    s = summarize({"problems": [0.3, 0.3, 0.3]}, runs, [_opd(0.3)] * 3, 4)
+    assert "chosen candidate 0.833, the others 0.600 (gap +0.233, over 3 steps)" in format_summary(s)

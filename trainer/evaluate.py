@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from brts.shared.config import EvalConfig
+from brts.shared.config import EvalConfig, dataset_names
 from brts.shared.data import EVAL_SETS, Problem, load_eval, load_problems
 from brts.shared.engines.registry import make_engine
 from brts.trainer.eval_metrics import score_benchmark
@@ -34,10 +34,10 @@ class BenchmarkResult:
 
 
 def load_benchmarks(config: EvalConfig) -> dict[str, list[Problem]]:
-    """The bundled sets named in ``benchmarks`` (and the ``dataset`` file, named by its stem), cut to ``limit``."""
+    """The bundled sets named in ``benchmarks`` (and each ``dataset`` file, named by its stem), cut to ``limit``."""
     sets: dict[str, list[Problem]] = {name: load_eval(name) for name in config.benchmarks}
-    if config.dataset:
-        sets[Path(config.dataset).stem] = load_problems(config.dataset)
+    for name, path in zip(dataset_names(config.dataset), config.dataset):
+        sets[name] = load_problems(path)
     return {name: probs[: config.limit] if config.limit else probs for name, probs in sets.items()}
 
 
@@ -140,7 +140,7 @@ def evaluate_in_training(config: Any, engine: Any, spec: Any, step: int, progres
                              temperature=config.eval_temperature, top_p=config.eval_top_p,
                              max_new_tokens=config.eval_max_new_tokens or config.max_response_len,
                              engine="hf", limit=config.eval_limit, seed=config.seed,
-                             dataset=getattr(config, "eval_dataset", None))
+                             dataset=tuple(config.eval_dataset))
     out: dict[str, float] = {}
     folder = Path(config.run_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)

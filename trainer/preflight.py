@@ -248,9 +248,9 @@ def _check_dataset(config: TrainConfig) -> list[str]:
     if not (config.dataset in DAPO_NAMES or config.dataset in EVAL_SETS or Path(config.dataset).expanduser().is_file()):
         problems.append(f"dataset: {config.dataset} is not a bundled name ({', '.join((*DAPO_NAMES, *EVAL_SETS))}) "
                         "and no such file")
-    if config.eval_every and config.eval_dataset and not Path(config.eval_dataset).expanduser().is_file():
-        problems.append(f"eval_dataset: {config.eval_dataset} is no such file "
-                        "(a JSONL or parquet of problem/answer rows)")
+    if config.eval_every or config.eval_at_start:
+        problems += [f"eval_dataset: {path} is no such file (a JSONL or parquet of problem/answer rows)"
+                     for path in config.eval_dataset if not Path(path).expanduser().is_file()]
     return problems
 
 

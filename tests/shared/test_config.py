@@ -38,6 +38,10 @@ def test_defaults_follow_the_reference():
         (EvalConfig, {"model": "m", "benchmarks": ("aime24", "math500")},
          "eval.benchmarks: unknown benchmark 'math500'"),
         (EvalConfig, {"model": "m", "top_p": 0.0}, "eval.top_p: must be in (0, 1]"),
+        (EvalConfig, {"model": "m", "dataset": ["a/sums.jsonl", "b/sums.parquet"]},
+         "eval.dataset: two evaluation sets would both be named 'sums'"),
+        (TrainConfig, {"student": "s", "eval_dataset": "data/aime24.jsonl"},
+         "train.eval_dataset: two evaluation sets would both be named 'aime24'"),
     ],
 )
 def test_bad_values_name_the_field(cls, kwargs, message):
@@ -92,6 +96,15 @@ def test_unknown_keys_and_malformed_files_are_named(tmp_path):
 
 def test_benchmarks_accept_comma_string():
     assert EvalConfig(model="m", benchmarks="aime24, amc23").benchmarks == ("aime24", "amc23")
+
+
+def test_evaluation_files_are_one_path_or_several():
+    """A single path (what configs written before several files were allowed say) is a one-file tuple."""
+    assert TrainConfig(student="s", eval_dataset="d/problems.jsonl").eval_dataset == ("d/problems.jsonl",)
+    both = TrainConfig(student="s", eval_dataset=["d/problems.jsonl", "d/held_out.jsonl"])
+    assert both.eval_dataset == ("d/problems.jsonl", "d/held_out.jsonl")
+    assert EvalConfig(model="m", benchmarks=(), dataset="x.jsonl").dataset == ("x.jsonl",)
+    assert TrainConfig(student="s", eval_dataset=None).eval_dataset == ()  # a config saved before: ``null``
 
 
 @pytest.mark.parametrize(

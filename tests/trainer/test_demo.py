@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from brts.demo import DemoPaths, DemoSettings, _train_command, run_demo
+from brts.demo import DemoPaths, DemoSettings, _write_problems, run_demo
+from brts.demo_runs import DemoError, train_command
 
-TINY = DemoSettings(problems=8, steps=2, prompts_per_step=4, eval_n=2)
+TINY = DemoSettings(problems=8, held_out=4, steps=2, prompts_per_step=4, eval_n=2)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,13 @@ def demo_out(toy_teacher_dir, toy_student_dir, tmp_path_factory):
 
 def test_the_demo_runs_end_to_end_and_prints_the_table(demo_out):
     out, summary, said = demo_out
-    acc = summary["accuracy"]
-    assert list(acc) == ["before (untrained student)", "after OPD (student-only)", "after BRTS"]
-    for row in acc.values():
-        assert len(row["per_seed"]) == 1 and 0.0 <= row["mean"] <= 1.0
+    assert list(summary["accuracy"]) == ["problems", "held_out"]
+    for acc in summary["accuracy"].values():
+        assert list(acc) == ["before (untrained student)", "after OPD (student-only)", "after BRTS"]
+        for row in acc.values():
+            assert len(row["per_seed"]) == 1 and 0.0 <= row["mean"] <= 1.0
+    before = json.loads((out / "eval-before" / "seed0" / "summary.json").read_text())["benchmarks"]
+    assert before["held_out"]["size"] == TINY.held_out and before["problems"]["size"] == TINY.problems
     tiers = summary["tiers"]
     assert sum(tiers.values()) == pytest.approx(1.0)
     assert summary["prewarm"]["prompts"] == TINY.problems and summary["prewarm"]["cache_hits"] == 0
@@ -49,13 +53,14 @@ def test_the_demo_runs_end_to_end_and_prints_the_table(demo_out):
     assert summary["train_cache_hit_rate"] == 1.0  # every training request was prewarmed
     printed = "\n".join(said)
     assert "BRTS - OPD:" in printed and "Tier composition" in printed and "outputs in" in printed
+    assert "held-out problems: BRTS - OPD:" in printed and "never trained on" in printed
     assert (out / "summary.md").read_text().count("|") >= 12
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == TINY.steps
     for name in ("losses.png", "tiers.png", "cache_hits.png", "eval.png", "summary.md"):
         assert (out / "report" / name).stat().st_size > 0, name
     for method in ("brts", "opd"):
         lines = [json.loads(x) for x in (out / "runs" / f"{method}-seed0" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in lines] == [1, 2] and TINY.metric in lines[-1]
+        assert [r["step"] for r in lines] == [1, 2] and all(m in lines[-1] for m in TINY.metrics)
     opd_lines = (out / "runs" / "opd-seed0" / "metrics.jsonl").read_text()
     assert '"loss/teacher_context": 0.0' in opd_lines  # the baseline really has no teacher branch
 
@@ -73,8 +78,6 @@ def test_running_again_reuses_everything_and_shows_the_warm_cache(demo_out):
 
 
 def test_other_settings_in_the_same_folder_are_refused(demo_out):
-    from brts.demo import DemoError
-
     out, _, _ = demo_out
     with pytest.raises(DemoError, match="other settings"):
         run_demo(out, seeds=1, settings=DemoSettings(steps=3))
@@ -84,17 +87,50 @@ def test_each_run_is_skipped_resumed_or_started_fresh(tmp_path):
     paths = DemoPaths(tmp_path)
     configs = {"brts": tmp_path / "brts.yaml", "opd": tmp_path / "opd.yaml"}
     run = paths.run_dir("brts", 0)
-    fresh = _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:1")
+    fresh = train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:1")
     assert fresh is not None and "--config" in fresh and "seed=0" in fresh and f"run_dir={run}" in fresh
     (run / "checkpoints" / "step_000001").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
-    resume = _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2")
+    resume = train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2")
     assert resume is not None and resume[-3:] == ["--resume", str(run), "server=127.0.0.1:2"]
     (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, **{m: 0.5 for m in TINY.metrics}}) + "\n")
+    assert train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2") is None
+    (run / "metrics.jsonl").write_text(  # the held-out set was never evaluated: not finished
         json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2, TINY.metric: 0.5}) + "\n")
-    assert _train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2") is None
+    assert train_command(paths, TINY, configs, "brts", 0, "127.0.0.1:2") is not None
     other = paths.run_dir("opd", 0)
     other.mkdir(parents=True)
     (other / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")  # no checkpoint: nothing worth keeping
-    assert "--config" in _train_command(paths, TINY, configs, "opd", 0, "127.0.0.1:2")
+    assert "--config" in train_command(paths, TINY, configs, "opd", 0, "127.0.0.1:2")
     assert not other.exists()
+
+
+def test_held_out_problems_are_disjoint_fixed_and_of_the_same_generator(tmp_path):
+    from brts.toy_task import parse_problem
+
+    settings = DemoSettings(problems=25, held_out=20, max_operand=4)  # 50 problems in all: collisions are certain
+    paths = DemoPaths(tmp_path)
+    _write_problems(paths, settings)
+    train = [json.loads(x) for x in paths.problems.read_text().splitlines()]
+    held = [json.loads(x) for x in paths.held_out.read_text().splitlines()]
+    assert len(train) == 25 and len(held) == 20
+    texts = [r["problem"] for r in train], [r["problem"] for r in held]
+    assert len(set(texts[0])) == 25 and len(set(texts[1])) == 20 and not set(texts[0]) & set(texts[1])
+    assert all(max(parse_problem(t)[0], parse_problem(t)[2]) <= 4 for t in texts[0] + texts[1])
+    first = paths.held_out.read_text()
+    _write_problems(paths, settings)
+    assert paths.held_out.read_text() == first  # fixed by problem_seed
+    _write_problems(paths, DemoSettings(problems=25, held_out=20, max_operand=4, problem_seed=7))
+    assert paths.held_out.read_text() != first
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"held_out": -1}, "held_out: must be >= 0"),
+    ({"problems": 0}, "problems: must be >= 1"),
+    ({"problems": 40, "held_out": 20, "max_operand": 4}, "problems \\+ held_out: 60 distinct problems asked of a task "
+                                                          "with 50"),
+])
+def test_impossible_demo_settings_are_refused(kwargs, message):
+    with pytest.raises(DemoError, match=message):
+        DemoSettings(**kwargs)
