@@ -64,17 +64,26 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
 @click.option("--tails", is_flag=True,
               help="Train with a tail bucket in both losses (sc_tail, tc_tail), to compare with a demo without; "
                    "use another --out (copying models/, cache/ and eval-before/ over reuses them).")
-def demo(out: str, seeds: int, retrain: bool, tails: bool) -> None:
+@click.option("--task", default="default", show_default=True,
+              help="A named toy task of brts/demo_tasks.py (an unknown name lists them); each wants its own --out.")
+def demo(out: str, seeds: int, retrain: bool, tails: bool, task: str) -> None:
     """BRTS vs OPD end to end on a CPU in minutes: serve, prewarm, train, eval, report.
 
     Fits a toy teacher and a weaker toy student, serves the teacher on loopback with an LMDB cache, prewarms it,
     trains BRTS and the student-only OPD baseline with the same budget over SEEDS seeds, evaluates before and
-    after, writes plots and prints the table. Interrupted, it resumes where it stopped when run again.
+    after on the training problems and on held-out ones, writes plots and prints the table. Interrupted, it resumes
+    where it stopped when run again.
     """
-    from brts.demo import DemoError, DemoSettings, run_demo
+    from brts.demo import DemoError, run_demo
+    from brts.demo_tasks import task_settings
 
     try:
-        run_demo(out, seeds=seeds, retrain=retrain, settings=DemoSettings(tails=tails), say=click.echo)
+        settings = task_settings(task, tails=tails)
+    except ValueError as exc:
+        click.echo(f"brts demo: {exc}", err=True)
+        sys.exit(2)
+    try:
+        run_demo(out, seeds=seeds, retrain=retrain, settings=settings, say=click.echo)
     except DemoError as exc:
         click.echo(f"brts demo: {exc}", err=True)
         sys.exit(1)

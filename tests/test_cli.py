@@ -37,6 +37,9 @@ def test_demo_refuses_zero_seeds_and_a_folder_of_other_settings(tmp_path):
     other = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d")])
     lines = [line for line in other.output.splitlines() if line.strip()]
     assert other.exit_code == 1 and len(lines) == 1 and "other settings" in lines[0], other.output
+    unknown = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "e"), "--task", "calculus"])
+    assert unknown.exit_code == 2 and "--task: must be one of default, ancestor, styles" in unknown.output
+    assert not (tmp_path / "e").exists()  # refused before anything is written
 
 
 def test_console_script_is_installed():

@@ -105,3 +105,31 @@ def test_fit_is_cached_and_keyed_by_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="target_accuracy"):
         fit_toy_model(tmp_path / "x", target_accuracy=1.5)
     assert np.isfinite(marker["fit_seconds"])
+
+
+def test_styles_render_the_same_answer_in_other_forms() -> None:
+    from brts.toy_task import STYLES
+
+    p = Problem("x", "What is 12-17?", "-5", TOY_SOURCE)
+    texts = {style: toy_response(p, style) for style in STYLES}
+    assert texts == {"work": "12-17=-5. \\boxed{-5}", "answer": "The answer is -5. \\boxed{-5}", "boxed": "\\boxed{-5}"}
+    assert all(extract_boxed(t) == "-5" for t in texts.values())
+    with pytest.raises(ValueError, match="style: must be distinct names from work, answer, boxed"):
+        toy_response(p, "poem")
+    with pytest.raises(ValueError, match="styles: must be distinct names"):
+        fit_toy_model("/nonexistent", styles=("work", "work"))
+
+
+def test_a_fit_in_several_styles_is_keyed_apart_and_one_style_keeps_the_old_key(tmp_path: Path) -> None:
+    from brts.toy import ToyFitSettings, _encode_task
+
+    # the keys every fit made before styles existed carries (the suite's cached fits): one style must not change them
+    assert QUALITIES["teacher"].key().startswith("67f3f74c7217") and QUALITIES["student"].key().startswith("ef2e8f74")
+    several = ToyFitSettings(styles=["work", "boxed"], max_operand=3)
+    assert several.styles == ("work", "boxed") and several.key() != ToyFitSettings(max_operand=3).key()
+    task = _encode_task(several)
+    assert len(task.responses) == 2 and task.responses[0] != task.responses[1]
+    out = fit_toy_model(tmp_path / "s", styles=("work", "answer"), max_operand=3, steps=4, eval_every=2, eval_size=8,
+                        batch_size=8)
+    marker = fit_info(out)
+    assert marker["settings"]["styles"] == ["work", "answer"] and marker["steps_run"] == 4

@@ -134,3 +134,16 @@ def test_held_out_problems_are_disjoint_fixed_and_of_the_same_generator(tmp_path
 def test_impossible_demo_settings_are_refused(kwargs, message):
     with pytest.raises(DemoError, match=message):
         DemoSettings(**kwargs)
+
+
+def test_named_tasks_are_distinct_demos_with_the_same_held_out_evaluation():
+    from brts.demo_tasks import TASKS, task_settings
+
+    settings = [s for _, s in TASKS.values()]
+    assert len({s.key() for s in settings}) == len(settings)  # each task gets its own folder key
+    assert {(s.held_out, s.eval_n, s.eval_temperature, s.problem_seed) for s in settings} == {(64, 4, 0.7, 100)}
+    assert task_settings("default") == DemoSettings()
+    assert task_settings("styles", tails=True).tails and task_settings("styles", tails=True).teacher_fit == {
+        "styles": ["work", "answer", "boxed"]}
+    with pytest.raises(ValueError, match="--task: must be one of default"):
+        task_settings("calculus")
