@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", help=f"variants to run (default: all: {' '.join(VARIANTS)})")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("demo-variants"))
+    ap.add_argument("--table", action="store_true",
+                    help="run nothing: rebuild the table from the variants' finished folders (OUT/NAME/summary.json)")
     args = ap.parse_args(argv)
     names = args.names or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     saved = args.out / "variants.json"  # variants run before into the same --out stay in the table
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if args.table:
+        done = {name: args.out / name / "summary.json" for name in names}
+        results = {name: {"what": VARIANTS[name][0], "summary": json.loads(path.read_text())}
+                   for name, path in done.items() if path.is_file()}
+        (args.out / "variants.md").write_text(_table(results) + "\n")
+        print(_table(results))
+        return 0
     for name in names:
         what, settings = VARIANTS[name]
         out = args.out / name
@@ -90,7 +99,8 @@ def _table(results: dict[str, Any]) -> str:
         s = r["summary"]
         gap = s.get("overlap", {}).get("gap")
         lines.append(f"| {name} | {_row(s, 'problems')} | {_row(s, 'held_out')} | "
-                     f"{'n/a' if gap is None else f'{gap:+.3f}'} | {s['timings_s'].get('total', 0):.0f} |")
+                     f"{'n/a' if gap is None else f'{round(gap, 3) + 0.0:+.3f}'} | "
+                     f"{s['timings_s'].get('total', 0):.0f} |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}: {r['what']}" for n, r in results.items())
 
 

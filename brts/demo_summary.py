@@ -130,6 +130,11 @@ def summarize(before: Mapping[str, Sequence[float]], brts_runs: Sequence[Sequenc
                        dict(prewarm or {}), dict(timings or {}))
 
 
+def _signed(x: float) -> str:
+    """A difference with its sign, never "-0.000" (a gap of -0.00001 prints as +0.000)."""
+    return f"{round(x, 3) + 0.0:+.3f}"
+
+
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.0%}"
 
@@ -157,8 +162,8 @@ def format_summary(s: DemoSummary) -> str:
     lines = _table(s)
     lines.append("")
     for name, (before, opd, brts) in s.sets.items():
-        lines.append(f"{SET_LABELS.get(name, name)}: BRTS - OPD: {brts.mean - opd.mean:+.3f}; BRTS - before: "
-                     f"{brts.mean - before.mean:+.3f}; OPD - before: {opd.mean - before.mean:+.3f} "
+        lines.append(f"{SET_LABELS.get(name, name)}: BRTS - OPD: {_signed(brts.mean - opd.mean)}; BRTS - before: "
+                     f"{_signed(brts.mean - before.mean)}; OPD - before: {_signed(opd.mean - before.mean)} "
                      f"({'BRTS >= OPD' if brts.mean >= opd.mean else 'BRTS < OPD'} on this run)")
     t = s.tiers
     lines.append(f"Tier composition of the BRTS runs' prompts: Tier 1 {_pct(t['1'])}, Tier 2 {_pct(t['2'])}, "
@@ -167,7 +172,7 @@ def format_summary(s: DemoSummary) -> str:
     if s.overlap:
         o = s.overlap
         lines.append(f"Top-K overlap with the live student: chosen candidate {o['chosen']:.3f}, the others "
-                     f"{o['others']:.3f} (gap {o['gap']:+.3f}, over {o['steps']:.0f} steps)")
+                     f"{o['others']:.3f} (gap {_signed(o['gap'])}, over {o['steps']:.0f} steps)")
     p = s.prewarm
     if p:
         lines.append(f"Teacher cache: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already "

@@ -95,5 +95,7 @@ def test_the_overlap_gap_averages_steps_that_have_both_overlaps():
     assert gap["chosen"] == pytest.approx((0.9 * 2 + 0.7) / 3) and gap["others"] == pytest.approx(0.6)
     assert gap["gap"] == pytest.approx(gap["chosen"] - 0.6) and gap["steps"] == 3
     assert overlap_gap([_run(0.3)]) == {}
+    tiny = summarize({"problems": [0.3]}, [_run(0.3, overlap=(0.99999, 1.0))], [_opd(0.3)], 4)
+    assert "(gap +0.000, over 2 steps)" in format_summary(tiny)  # never "-0.000"
     s = summarize({"problems": [0.3, 0.3, 0.3]}, runs, [_opd(0.3)] * 3, 4)
     assert "chosen candidate 0.833, the others 0.600 (gap +0.233, over 3 steps)" in format_summary(s)
