@@ -243,11 +243,15 @@ def test_missing_engine_host_memory_student_and_run_dir_in_one_line(tmp_path: Pa
 def test_tokenizer_and_dataset_checks(model_dir: Path, tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    there = tmp_path / "problems.jsonl"
+    there.write_text('{"problem": "What is 1+1?", "answer": "2"}\n')
     config, launch = _paper_ok(CONFIG_DIR / "paper_brts_n2.yaml", model_dir, tmp_path,
-                               f"prompt.tokenizer={empty}", f"dataset={tmp_path / 'train.parquet'}")
+                               f"prompt.tokenizer={empty}", f"dataset={tmp_path / 'train.parquet'}",
+                               f"eval_dataset={there},{tmp_path / 'held_out.jsonl'}")
     with pytest.raises(PreflightError) as info:
         preflight(config, launch, FakeMachine())
-    assert [p.split(":")[0] for p in info.value.problems] == ["prompt.tokenizer", "dataset"]
+    assert [p.split(":")[0] for p in info.value.problems] == ["prompt.tokenizer", "dataset", "eval_dataset"]
+    assert f"eval_dataset: {tmp_path / 'held_out.jsonl'} is no such file" in info.value.problems[2]  # not the other
 
 
 def test_paper_config_passes_on_a_machine_that_has_everything(model_dir: Path, tmp_path: Path):
