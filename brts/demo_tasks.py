@@ -35,6 +35,8 @@ TASKS: dict[str, tuple[str, DemoSettings]] = {
                  "architecture)", DemoSettings(**_MEMORISE, student_fit={**_ANCESTOR, "target_accuracy": 0.5})),
     "styles": ("memorise, with a teacher answering in 3 styles (working / sentence / box only), the student in the "
                "working style", DemoSettings(**_MEMORISE, teacher_fit={"styles": ["work", "answer", "boxed"]})),
+    "styles-gentle": ("the default (gentle) with the 3-style teacher: does BRTS's fall in 'styles' survive a gentler "
+                      "step?", DemoSettings(**_GENTLE, teacher_fit={"styles": ["work", "answer", "boxed"]})),
     "one-digit": ("memorise on operands 0..9: a smaller answer space, an operation a tiny model learns more easily",
                   DemoSettings(**_MEMORISE, max_operand=9)),
     "each-once": ("memorise with 160 training problems, each seen once (less to memorise per problem)",
