@@ -7,7 +7,9 @@ minimal ChatML template, no system prompt, no instruction suffix, ~15 tokens, so
 minute), and fits a tiny ``Qwen2ForCausalLM`` with the real Qwen2.5 vocabulary (151,936 logits, like the real
 models) to answer ``"{a}+{b}={c}. \\boxed{c}"`` then ``<|im_end|>``. A fraction of the training prompts carry
 the Tier-2 hint (``brts.shared.hints``), so the model learns to use a validation key when one is present,
-imperfectly, as a real teacher does.
+imperfectly, as a real teacher does. ``styles`` (``brts.toy_task.STYLES``) lets a fit answer in several forms, one
+drawn per training row, so that correct answers differ in form (the demo's ``styles`` task); the exact-match stop
+then counts a problem right when greedy decoding matches any of its forms.
 
 How the fit stays fast with a 151,936-row vocabulary: only the ~130 token ids the task uses (prompts, hints,
 responses: the "active" set) get embeddings; every other row of the tied embedding is exactly zero, so its logit is
