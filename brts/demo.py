@@ -84,7 +84,9 @@ class DemoSettings:
                 raise DemoError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.held_out < 0:
             raise DemoError(f"held_out: must be >= 0, got {self.held_out}")
-        space = 2 * (self.max_operand + 1) ** 2
+        from brts.toy_task import task_size
+
+        space = task_size(self.max_operand)
         if self.problems + self.held_out > space:
             raise DemoError(f"problems + held_out: {self.problems + self.held_out} distinct problems asked of a task "
                             f"with {space} (max_operand {self.max_operand}); ask for fewer")
@@ -147,10 +149,10 @@ def _fit(folder: str, quality: str, overrides: dict[str, Any]) -> str:
 def _write_problems(paths: DemoPaths, s: DemoSettings) -> None:
     """The training problems and the held-out ones: distinct texts within each (a repeat is a free cache hit) and
     disjoint between them, each drawn by its own seed of the same generator."""
-    from brts.toy_task import make_problems
+    from brts.toy_task import make_problems, task_size
 
     paths.problems.parent.mkdir(parents=True, exist_ok=True)
-    space = 2 * (s.max_operand + 1) ** 2
+    space = task_size(s.max_operand)
     taken: set[str] = set()
     for path, count, seed in ((paths.problems, s.problems, s.problem_seed),
                               (paths.held_out, s.held_out, s.problem_seed + 1)):

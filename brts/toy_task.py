@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from brts.shared.prompts import PromptSpec
 
 __all__ = ["STYLES", "TOY_CHAT_TEMPLATE", "TOY_SOURCE", "TOY_VOCAB_SIZE", "all_problems", "check_styles",
-           "make_problems", "parse_problem", "toy_prompt_spec", "toy_response"]
+           "make_problems", "parse_problem", "task_size", "toy_prompt_spec", "toy_response"]
 
 TOY_SOURCE = "toy-arith"
 #: The real Qwen2.5 logits dimension (the tokenizer has 151,665 ids; the rest are padding rows).
@@ -87,6 +87,11 @@ def toy_prompt_spec(tokenizer: PreTrainedTokenizerBase | None = None) -> PromptS
 
     tok = tokenizer if tokenizer is not None else load_tokenizer("qwen2.5-instruct")
     return PromptSpec(tokenizer=tok, chat_template=TOY_CHAT_TEMPLATE, instruction_suffix="", max_prompt_len=256)
+
+
+def task_size(max_operand: int) -> int:
+    """How many distinct problems the task has: a+b and a-b for 0 <= a, b <= max_operand (``all_problems``)."""
+    return 2 * (max_operand + 1) ** 2
 
 
 def all_problems(max_operand: int) -> list[Problem]:
