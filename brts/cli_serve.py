@@ -99,10 +99,13 @@ def _report_consistency(r: dict[str, Any]) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), help="Bearer token for the server.")
 @click.option("--tls-ca", type=click.Path(dir_okay=False, exists=True), help="PEM CA/cert to trust (enables TLS).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--route", default=None,
+              help="With --config TRAIN.yaml (a training config): prewarm only the prompts routed to this teacher, "
+                   "at its address, with its sampling settings (they enter the pool keys).")
 @click.argument("overrides", nargs=-1)
 def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, tokenizer: str | None,
             chat_template: str | None, max_prompt_len: int | None, token_file: str | None, tls_ca: str | None,
-            no_progress: bool, **options: Any) -> None:
+            no_progress: bool, route: str | None, **options: Any) -> None:
     """Fill the server's cache over a dataset, as a client of the running server. KEY=VALUE overrides, e.g.
     prompt.instruction_suffix='' sampling.temperature=0.7 (sampling left unset takes the server's defaults)."""
     from brts.server import prewarm as pw
@@ -114,12 +117,17 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
                                 ("max_prompt_len", max_prompt_len)) if v is not None}
     if prompt:
         values["prompt"] = prompt
+    problems = None
     try:
-        config = load_config(PrewarmConfig, config_file, overrides, **values)
-        explicit = parse_overrides(overrides).get("sampling", {})
-    except ConfigError as exc:
+        if route is not None:
+            config, sampling, problems, token_file, tls_ca = _route_plan(config_file, route, overrides, values,
+                                                                         (token_file, tls_ca))
+        else:
+            config = load_config(PrewarmConfig, config_file, overrides, **values)
+            explicit = parse_overrides(overrides).get("sampling", {})
+            sampling = Sampling(**{k: getattr(config.sampling, k) for k in explicit}) if explicit else None
+    except (ConfigError, ValueError, OSError) as exc:
         _die(f"brts prewarm: {exc}")
-    sampling = Sampling(**{k: getattr(config.sampling, k) for k in explicit}) if explicit else None
     token = open(token_file).read().strip() if token_file else None
     try:
         client = TeacherClient(config.server, token=token, tls_ca=tls_ca)
@@ -128,7 +136,7 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
     with client:
         try:
             if check:
-                r = pw.check(config, client, sampling)
+                r = pw.check(config, client, sampling, problems)
                 click.echo(f"brts prewarm --check: {r['complete']}/{r['asked']} sampled prompts fully cached "
                            f"({r['hit_rate']:.0%}), {r['partial']} partly")
                 if r["hit_rate"] == 0:
@@ -136,8 +144,42 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
                                "sampling differs from what was prewarmed (tokenizer, chat template, suffix)", err=True)
                 _report_consistency(r)
                 return
-            summary = pw.prewarm(config, client, sampling, progress=not no_progress)
+            summary = pw.prewarm(config, client, sampling, problems, progress=not no_progress)
         except ValueError as exc:
             _die(f"brts prewarm: {exc}")
     for line in summary.lines():
         click.echo(f"brts prewarm: {line}")
+
+
+def _route_plan(config_file: str | None, route: str, overrides: tuple[str, ...], values: dict[str, Any],
+                reach: tuple[str | None, str | None]) -> tuple[Any, Any, list[Any], str | None, str | None]:
+    """``--route NAME``: (PrewarmConfig, Sampling, the problems routed to NAME, token file, TLS CA) from a training
+    config, built exactly as the trainer asks (same window, Tier 2, top-K, prompt spec and the teacher's sampling),
+    so that every prompt prewarmed here is a cache hit for the run."""
+    from brts.shared.config import ConfigError, PrewarmConfig
+    from brts.shared.data import load_dataset
+    from brts.trainer.config import load_train_config
+    from brts.trainer.routing import problems_of
+    from brts.trainer.teacher_link import sampling_of
+
+    if config_file is None:
+        raise ConfigError("--route: give the training config with --config TRAIN.yaml")
+    clash = sorted(k for k in values if k in ("server", "dataset", "n_tier1", "n_tier2", "prompt"))
+    if clash or any(reach):
+        given = clash + [n for n, v in zip(("token_file", "tls_ca"), reach) if v]
+        raise ConfigError(f"--route: {', '.join(given)} come from the training config's teacher entry; "
+                          "leave them out (override the training config's settings as KEY=VALUE instead)")
+    train, _ = load_train_config(config_file, overrides)
+    entries = train.teacher_entries()
+    if route not in entries:
+        raise ConfigError(f"--route: no teacher named {route!r} in {config_file}; teachers: {', '.join(entries)}")
+    entry = entries[route]
+    problems = problems_of(load_dataset(train.dataset, train.teacher_route), entries, route)
+    if not problems:
+        raise ValueError(f"--route {route}: no prompt of {train.dataset} is routed to this teacher")
+    config = PrewarmConfig(server=entry.address, dataset=train.dataset, n_tier1=train.n_candidates,
+                           n_tier2=train.n_tier2, logprob_k=train.logprob_k, prompt=train.prompt,
+                           sampling=train.teacher_sampling(route),
+                           teacher_agreement_tolerance=train.teacher_agreement_tolerance,
+                           **{k: v for k, v in values.items() if k in ("limit", "concurrency", "prompts_per_call")})
+    return config, sampling_of(config.sampling), problems, entry.token_file, entry.tls_ca

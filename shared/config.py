@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from brts.shared.config_base import (  # re-exported (__all__): callers import every config name from here
     ConfigError,
+    _coerce,
     _merge,
     _Validated,
     from_dict,
@@ -25,12 +26,14 @@ from brts.shared.config_base import (  # re-exported (__all__): callers import e
 )
 from brts.shared.prompts import DEFAULT_INSTRUCTION_SUFFIX
 
-__all__ = ["BENCHMARKS", "MAX_LOGPROB_K", "ConfigError", "EvalConfig", "OverlapMode", "PerturbPosition",
-           "PrewarmConfig", "PromptConfig", "SamplingConfig", "ServerConfig", "Tier3Policy", "TrainConfig",
-           "_Validated", "_merge", "dataset_names", "from_dict", "is_loopback", "load_config", "parse_overrides",
-           "read_config_file", "save_config"]
+__all__ = ["BENCHMARKS", "DEFAULT_TEACHER", "MAX_LOGPROB_K", "ConfigError", "EvalConfig", "OverlapMode",
+           "PerturbPosition", "PrewarmConfig", "PromptConfig", "SamplingConfig", "ServerConfig", "TeacherConfig",
+           "Tier3Policy", "TrainConfig", "_Validated", "_merge", "dataset_names", "from_dict", "is_loopback",
+           "load_config", "parse_overrides", "read_config_file", "save_config"]
 
 MAX_LOGPROB_K = 64
+#: The teacher that ``server`` names, and the one prompts go to when their route names no teacher.
+DEFAULT_TEACHER = "default"
 BENCHMARKS = ("aime24", "aime25", "amc23")
 
 #: Where the student's top-K of the overlap score comes from (trainer/selection.py explains both modes).
@@ -219,6 +222,30 @@ class PrewarmConfig(_Validated):
 
 
 @dataclass
+class TeacherConfig(_Validated):
+    """One teacher server of a training run (``teachers: {NAME: {...}}``), reached like ``server`` is.
+
+    ``expected_fingerprint`` pins the teacher (the start refuses another one); ``sampling`` overrides some of the
+    run's ``sampling`` settings for this teacher only (a 7B teacher may want another ``max_new_tokens``): they enter
+    the teacher's pool keys, so its prewarm must use them too (``brts prewarm --config TRAIN.yaml --route NAME``)."""
+
+    SECTION = "teacher"
+    address: str = ""
+    tls_ca: str | None = None
+    token_file: str | None = None
+    expected_fingerprint: str | None = None
+    retries: int = 8
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        self.require(":" in self.address, "address", "must be HOST:PORT")
+        self.require(self.retries >= 0, "retries", "must be >= 0")
+        self.require(self.expected_fingerprint is None or bool(self.expected_fingerprint.strip()),
+                     "expected_fingerprint", "must be a teacher fingerprint when set")
+        _coerce(self.sampling, SamplingConfig, f"{self.SECTION}.sampling")  # unknown keys and bad values, by name
+
+
+@dataclass
 class TrainConfig(_Validated):
     """`brts train`: the student, its teacher server and the BRTS/OPD algorithm settings (brts-reference §12, §15)."""
 
@@ -269,6 +296,10 @@ class TrainConfig(_Validated):
     server_token_file: str | None = None
     server_tls_ca: str | None = None
     server_retries: int = 8
+    # several teacher servers by name (TeacherConfig); empty = the one at ``server``, named "default"
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    # a dataset column whose value names each prompt's teacher (e.g. data_source); no match goes to "default"
+    teacher_route: str | None = None
     # refuse to start when one sequence scored in different batches disagrees by more (nats); None = by the
     # teacher's dtype (shared/agreement.py: float32 1e-4, bfloat16/float16 0.1)
     teacher_agreement_tolerance: float | None = None
@@ -302,6 +333,7 @@ class TrainConfig(_Validated):
         self.require(self.eval_max_new_tokens >= 0, "eval_max_new_tokens", "must be >= 0 (0 = max_response_len)")
         self.require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1 when set")
         self.require(":" in self.server, "server", "must be HOST:PORT")
+        self._check_teachers()
         self.require(self.max_steps >= 1, "max_steps", "must be >= 1")
         self.require(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         self.require(self.n_rollouts >= 1, "n_rollouts", "must be >= 1")
@@ -328,6 +360,32 @@ class TrainConfig(_Validated):
             self.require(
                 0 <= self.perturb_slot < self.n_candidates, "perturb_slot", f"must be in 0..{self.n_candidates - 1}"
             )
+
+
+    def _check_teachers(self) -> None:
+        for name in self.teachers:
+            if re.fullmatch(r"[A-Za-z0-9_-]+", name) is None:
+                self.fail(f"teachers.{name}", "a teacher's name is letters, digits, _ and - (it is used in "
+                                              "teachers.NAME.FIELD=VALUE overrides and metric names)")
+        shorthand = [n for n, default in (("server", "127.0.0.1:50051"), ("server_token_file", None),
+                                          ("server_tls_ca", None)) if getattr(self, n) != default]
+        if self.teachers and shorthand:
+            self.fail(shorthand[0], f"set either server (one teacher, named {DEFAULT_TEACHER}) or teachers, not both; "
+                                    f"give it as teachers.{DEFAULT_TEACHER}.address")
+        if self.teacher_route is not None:
+            self.require(bool(self.teacher_route.strip()), "teacher_route", "must name a dataset column when set")
+
+    def teacher_entries(self) -> dict[str, TeacherConfig]:
+        """Every teacher by name: ``teachers``, or the one ``server`` names, called ``default``."""
+        if self.teachers:
+            return dict(self.teachers)
+        return {DEFAULT_TEACHER: TeacherConfig(self.server, self.server_tls_ca, self.server_token_file, None,
+                                               self.server_retries)}
+
+    def teacher_sampling(self, name: str) -> SamplingConfig:
+        """The run's ``sampling`` with the teacher's own overrides on top (they enter its pool keys)."""
+        return from_dict(SamplingConfig, {**asdict(self.sampling), **self.teacher_entries()[name].sampling},
+                         f"train.teachers.{name}.sampling")
 
 
 @dataclass

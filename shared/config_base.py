@@ -55,12 +55,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             _fail(path, f"must be a list, got {value!r}")
         (item_tp, *_rest) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        return _coerce_map(value, typing.get_args(tp)[1], path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
             _fail(path, f"must be a mapping of {tp.__name__} settings, got {value!r}")
-        return from_dict(tp, value, path)
+        try:
+            return from_dict(tp, value, path)
+        except ConfigError as exc:  # the section's own rules name "sampling.x": say where it sits (train.sampling.x)
+            section, message = getattr(tp, "SECTION", ""), str(exc)
+            if section and path != section and message.startswith(f"{section}."):
+                raise ConfigError(path + message[len(section):]) from None
+            raise
     if tp is bool:
         if not isinstance(value, bool):
             _fail(path, f"must be true or false, got {value!r}")
@@ -83,6 +91,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             _fail(path, f"must be a string, got {value!r}")
         return value
     return value
+
+
+def _coerce_map(value: Any, item_tp: Any, path: str) -> dict[str, Any]:
+    """A mapping of names to settings (``teachers: {a: {...}}``); each entry checked under ``path.NAME``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        _fail(path, f"must be a mapping of names to settings, got {value!r}")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.strip():
+            _fail(path, f"names must be non-empty strings, got {key!r}")
+        out[key] = _coerce(item, item_tp, f"{path}.{key}")
+    return out
 
 
 C = TypeVar("C")

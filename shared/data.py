@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ __all__ = [
     "load_dataset",
     "load_eval",
     "load_problems",
+    "with_routes",
 ]
 
 #: The fixed DAPO instruction wrapper, verified against every bundled row (the prefix ends at the first blank line).
@@ -75,12 +76,13 @@ class DataFormatError(ValueError):
 @dataclass(frozen=True)
 class Problem:
     """One math problem: the bare problem text (no instruction), its ground-truth answer string, an id unique
-    within its source, and the source name (file stem or set name)."""
+    within its source, the source name (file stem or set name) and, when asked for, its route (which teacher)."""
 
     id: str
     problem: str
     answer: str
     source: str
+    route: str | None = None  # the value of the training config's teacher_route column: names the prompt's teacher
 
     def __post_init__(self) -> None:
         for name in ("id", "problem", "answer", "source"):
@@ -403,15 +405,49 @@ def load_problems(
     return problems
 
 
-def load_dataset(spec: str | os.PathLike[str]) -> list[Problem]:
-    """One entry point for command lines: "dapo"/"dapo-math-17k", an eval set name, or a file path."""
+def _route_value(value: Any, where: str) -> str | None:
+    """A route cell as a teacher name: strings as given, integers as text, empty or missing as no route."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(f"{where}: a route must be a string naming a teacher, got {value!r}")
+    return str(value)
+
+
+def with_routes(problems: list[Problem], path: Path, route_field: str) -> list[Problem]:
+    """``problems`` (one per row of ``path``, in row order) with ``route`` read from the column ``route_field``."""
+    head = route_field.split(".")[0]
+    if _file_kind(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        columns = list(pq.read_schema(path).names)
+        rows = _read_parquet(path, columns=(head,)) if head in columns else []
+    else:
+        rows = _read_rows(path)
+        columns = list(rows[0].keys()) if rows else []
+    if head not in columns:
+        raise DataFormatError(f"{path}: teacher_route column {route_field!r} not found; columns: {', '.join(columns)}")
+    if len(rows) != len(problems):
+        raise DataFormatError(f"{path}: {len(rows)} rows but {len(problems)} problems; routes need one problem per row")
+    return [replace(p, route=_route_value(_get(row, route_field), f"{path}: row {i}: field {route_field!r}"))
+            for i, (p, row) in enumerate(zip(problems, rows))]
+
+
+def load_dataset(spec: str | os.PathLike[str], route_field: str | None = None) -> list[Problem]:
+    """One entry point for command lines: "dapo"/"dapo-math-17k", an eval set name, or a file path; with
+    ``route_field``, each problem's ``route`` is read from that column (rows without it have none)."""
     text = os.fspath(spec)
     if text in DAPO_NAMES:
-        return load_dapo()
-    if text in EVAL_SETS:
-        return load_eval(text)
-    if Path(text).expanduser().exists() or Path(text).suffix.lower() in _SUFFIXES:
-        return load_problems(Path(text).expanduser())
+        problems, path = load_dapo(), dapo_path()
+    elif text in EVAL_SETS:
+        problems, path = load_eval(text), bundled_data_dir() / "eval" / f"{text}.jsonl"
+    elif Path(text).expanduser().exists() or Path(text).suffix.lower() in _SUFFIXES:
+        path = Path(text).expanduser()
+        problems = load_problems(path)
+    else:
+        path = None
+    if path is not None:
+        return problems if route_field is None else with_routes(problems, path, route_field)
     raise ValueError(
         f"dataset {text!r}: not a bundled name ({', '.join((*DAPO_NAMES, *EVAL_SETS))}) and no such file "
         "(.jsonl or .parquet)"

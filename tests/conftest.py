@@ -51,6 +51,36 @@ def toy_teacher_dir(request, tmp_path_factory) -> Path:
     return fit_toy_model(folder, quality="teacher")
 
 
+@pytest.fixture(scope="session")
+def toy_student_dir(request, tmp_path_factory) -> Path:
+    """The fitted toy student (weaker than the toy teacher), cached across sessions like the teacher: the demo's
+    student, and the weaker teacher of ``teacher_pair``."""
+    from brts.toy import fit_toy_model
+
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("toy-student")) if cache is not None else tmp_path_factory.mktemp("toy-student")
+    return fit_toy_model(folder, quality="student")
+
+
+@pytest.fixture(scope="session")
+def teacher_pair(toy_teacher_dir, toy_student_dir, tmp_path_factory):
+    """Two real `brts serve` processes of different strength, each with its own cache and Prometheus counters:
+    ``{"strong": ..., "weak": ...}``, each ``{"server", "address", "metrics", "cache"}`` (``metrics()`` reads the
+    server's counters). The strong one serves the toy teacher, the weak one the fitted toy student. Shared by the
+    several-teacher tests (routing, the cross-teacher pool); read the counters as differences."""
+    te = _train_env()
+    root = tmp_path_factory.mktemp("teacher-pair")
+    pair = {}
+    for name, model in (("strong", toy_teacher_dir), ("weak", toy_student_dir)):
+        port = te.free_port()
+        server = te.ServerProcess(model, root / f"cache-{name}", ["--metrics-port", str(port)])
+        pair[name] = {"server": server, "address": server.address, "cache": root / f"cache-{name}",
+                      "metrics": (lambda p=port: te.server_counters(p))}
+    yield pair
+    for entry in pair.values():
+        entry["server"].stop()
+
+
 def _tiny_qwen2(vocab_size: int = 1000, hidden_size: int = 64, layers: int = 2, max_positions: int = 512,
                 seed: int = 0, dtype: Any = None) -> Any:
     """A random tiny Qwen2ForCausalLM in eval mode (fp32 unless ``dtype``)."""

@@ -40,6 +40,7 @@ a run directory, its ``checkpoints`` directory, the ``latest`` file in it (what 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import random
@@ -65,14 +66,17 @@ FORMAT_VERSION = 1
 
 # Config keys that may legitimately change when a run is resumed (dotted paths of the config dict; a key covers
 # its whole section): how long to run, how often to save/evaluate/log, where the run lives, the teacher server's
-# address (the teacher and its cache are the same; only where it listens moved) and a ``launch`` section if the
-# caller includes one (ranks, device: DCP reshards to a new world size). Everything else (model, data, optimizer,
+# address and how it is reached, also per teacher (``teachers.*.address``: the teacher and its cache are the same,
+# only where it listens moved; a changed set of teachers is refused by their fingerprints) and a ``launch`` section
+# if the caller includes one (ranks, device: DCP reshards to a new world size). Everything else (model, data, optimizer,
 # algorithm, dtype, token budget, seeds...) must match, or ``load_checkpoint`` raises.
 RESUME_MUTABLE_KEYS: tuple[str, ...] = ("max_steps", "save_every", "eval_every", "log_every", "run_dir", "server",
                                         "launch", "keep_checkpoints", "server_token_file", "server_tls_ca",
                                         "server_retries", "wandb_project", "eval_benchmarks", "eval_n",
                                         "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_limit",
-                                        "eval_dataset", "eval_at_start", "teacher_agreement_tolerance")
+                                        "eval_dataset", "eval_at_start", "teacher_agreement_tolerance",
+                                        "teachers.*.address", "teachers.*.tls_ca", "teachers.*.token_file",
+                                        "teachers.*.retries")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -155,11 +159,32 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any],
     skip = tuple(ignore)
     diff = {}
     for key in sorted(set(a) | set(b)):
-        if any(key == s or key.startswith(f"{s}.") for s in skip):
+        if any(fnmatch.fnmatchcase(key, s) or fnmatch.fnmatchcase(key, f"{s}.*") for s in skip):
             continue
-        if key not in a or key not in b or a[key] != b[key]:
+        if a.get(key) != b.get(key):  # a setting newer than the checkpoint reads None there: unset, not changed
             diff[key] = (a.get(key), b.get(key))
     return diff
+
+
+def saved_teachers(train_state: Mapping[str, Any]) -> dict[str, str]:
+    """A checkpoint's teacher fingerprints by name; one saved before several teachers has one, named "default"."""
+    if "teachers" in train_state:
+        return {str(k): str(v) for k, v in train_state["teachers"].items()}
+    return {"default": str(train_state["teacher"])} if train_state.get("teacher") else {}
+
+
+def teacher_set_change(saved: Mapping[str, str], now: Mapping[str, str]) -> str | None:
+    """Why a resume against the teachers ``now`` would not continue the run ``saved`` trained against (a name added
+    or gone, a name that serves another teacher), as one line; None when they are the same (or nothing was saved).
+    Their cached candidates and scores would not be the ones the checkpoint trained on."""
+    if not saved or not now or dict(saved) == dict(now):
+        return None
+
+    def named(fps: Mapping[str, str]) -> str:
+        return ", ".join(f"{name}={fp[:12]}" for name, fp in sorted(fps.items()))
+
+    return (f"the checkpoint was trained against teachers {named(saved)}, now they are {named(now)}: resume against "
+            "the same teachers (a teacher may move to another address, not change or come and go)")
 
 
 # --------------------------------------------------------------------------------------------------- RNG

@@ -59,41 +59,34 @@ def launch(config_file: str | None, overrides: Sequence[str], resume: str | None
     except (ConfigError, PreflightError, FileNotFoundError) as exc:
         _say(str(exc))
         return 1
+    meta: dict[str, Any] | None = None
     if resume is not None:
         try:
-            saved = read_meta(resume)
+            meta = read_meta(resume)
         except FileNotFoundError as exc:
             _say(str(exc))
             return 1
-        diff = config_diff(saved.get("config") or config.to_dict(), config.to_dict())
+        diff = config_diff(meta.get("config") or config.to_dict(), config.to_dict())
         if diff:  # said here, before RUN_DIR/config.yaml is rewritten, so the saved config stays the resumable one
             lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
-            _say(f"checkpoint {saved['path']} was saved with a different config: {lines}. Resume with the saved "
+            _say(f"checkpoint {meta['path']} was saved with a different config: {lines}. Resume with the saved "
                  f"config (only {', '.join(RESUME_MUTABLE_KEYS)} may change) or start a new run")
             return 1
     if resume is None and list_checkpoints(config.run_dir):
         _say(f"run_dir {config.run_dir} already holds checkpoints: resume it with `brts train --resume "
              f"{config.run_dir}` or choose another run_dir")
         return 1
-    from brts.shared.data import load_dataset
-    from brts.trainer.step_prompts import first_steps_requests, prompt_spec_of
-    from brts.trainer.teacher_link import HIT_SAMPLE_STEPS, StartupError, check_server
-
     try:
-        problems = load_dataset(config.dataset)
-        first = first_steps_requests(config, problems, prompt_spec_of(config), HIT_SAMPLE_STEPS) \
-            if config.teacher_branch else []
-        report = check_server(config, first)
-    except (StartupError, ValueError, OSError) as exc:
+        fingerprints = _check_teachers(config, meta)
+    except (ValueError, OSError, RuntimeError) as exc:  # StartupError, RoutingError, a data file's error
         _say(str(exc))
         return 1
-    print(f"brts train: {report.line()}", flush=True)
     run_dir = Path(config.run_dir)
     config_path = run_dir / "config.yaml"
     _write_config(config, spec, config_path)
     device = spec.device if spec.device != "auto" else ("cuda" if _has_gpu() else "cpu")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env[TEACHER_ENV] = report.teacher_fingerprint
+    env[TEACHER_ENV] = json.dumps(fingerprints)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.nproc))
     with tempfile.TemporaryDirectory(prefix="brts-train-") as tmp:
@@ -114,6 +107,31 @@ def launch(config_file: str | None, overrides: Sequence[str], resume: str | None
         _say(f"a rank failed (torchrun exit {code}); the error is above. Resume with `brts train --resume {run_dir}`")
         return code or 1
     return 0
+
+
+def _check_teachers(config: Any, meta: dict[str, Any] | None) -> dict[str, str]:
+    """Every prompt has a teacher; every teacher passes its start-up checks (one line each, printed); a resume is
+    against the teachers its checkpoint trained with. Returns each teacher's fingerprint (for the ranks)."""
+    from brts.shared.data import load_dataset
+    from brts.trainer.checkpoint import saved_teachers, teacher_set_change
+    from brts.trainer.routing import check_routes
+    from brts.trainer.step_prompts import first_steps_requests, prompt_spec_of
+    from brts.trainer.teacher_link import HIT_SAMPLE_STEPS, StartupError, check_server
+
+    problems = load_dataset(config.dataset, config.teacher_route)
+    routed = check_routes(problems, config.teacher_entries(), config.teacher_route)
+    first = first_steps_requests(config, problems, prompt_spec_of(config), HIT_SAMPLE_STEPS) \
+        if config.teacher_branch else {}
+    reports = check_server(config, first)
+    for report in reports:
+        print(f"brts train: {report.line()}", flush=True)
+    if len(reports) > 1:
+        print("brts train: prompts per teacher: " + ", ".join(f"{n} {routed[n]}" for n in sorted(routed)), flush=True)
+    fingerprints = {r.name: r.teacher_fingerprint for r in reports}
+    change = teacher_set_change(saved_teachers(meta.get("train_state", {})), fingerprints) if meta else None
+    if change:
+        raise StartupError(change)
+    return fingerprints
 
 
 def _rendezvous() -> list[str]:

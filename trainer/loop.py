@@ -11,14 +11,15 @@ Order of one step s on a rank, and why:
    teacher's cached top-K), token means over the whole step (``update.Updater``);
 6. the new weights to the rollout engine and the step's metrics; the evaluation, checkpoint and SIGTERM check
    around the step are ``trainer.Trainer``'s.
-A teacher that stays unreachable after the client's retries (``TeacherDown``, agreed across ranks) ends the run
-with a checkpoint of the last finished step, so ``brts train --resume`` continues exactly there.
+With several teachers (``teachers:``), each prompt's GetCandidates and each rollout's Score go to the prompt's
+teacher (``trainer/routing.py``); everything else is the same for every prompt. A teacher that stays unreachable
+after the client's retries (``TeacherDown``, agreed across ranks, naming it) ends the run with a checkpoint of the
+last finished step, so ``brts train --resume`` continues exactly there.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,9 @@ from brts.trainer.metrics import StepCounters, reduce_counters, step_metrics
 from brts.trainer.rollout import RolloutEngine
 from brts.trainer.sampler import PromptSampler, keyed_seed
 from brts.trainer.selection import Choice, Key, Pool, choose_position, choose_prefix, topk_overlap, valid_rows
-from brts.trainer.step_prompts import StepPrompt, build_step_prompts, teacher_requests
+from brts.trainer.step_prompts import StepPrompt, build_step_prompts, teacher_requests, teachers_of
 from brts.trainer.student_forward import iter_student_topk, student_topk
-from brts.trainer.teacher_link import TeacherDown, TeacherLink
+from brts.trainer.teacher_link import Routed, TeacherDown, TeacherLink
 from brts.trainer.update import TrainSequence, Updater, teacher_rows_for_student
 
 __all__ = ["EXIT_FAILED", "EXIT_TEACHER_DOWN", "StepRunner", "TrainError", "full_state_for_rollouts"]
@@ -50,12 +51,24 @@ class TrainError(RuntimeError):
         self.exit_code = exit_code
 
 
-def _agree_ok(ok: bool, device: torch.device) -> bool:
-    """True when every rank is ok (a MIN all-reduce), so all ranks stop at the same point."""
-    t = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+def _agree_down(down: TeacherDown | None, teachers: list[str], device: torch.device) -> list[str]:
+    """The teachers that failed on any rank (a MAX all-reduce of one flag per teacher), so all ranks stop at the
+    same point and rank 0 can name a teacher that failed elsewhere."""
+    t = torch.zeros(len(teachers), dtype=torch.int32, device=device)
+    if down is not None:
+        t[teachers.index(down.teacher)] = 1
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [name for name, flag in zip(teachers, t.tolist()) if flag]
+
+
+def teacher_down_error(failed: list[str], down: TeacherDown | None, addresses: dict[str, str],
+                       run_dir: str) -> TrainError:
+    """The run's last line for a teacher outage: which teacher(s), where, what this rank saw, how to go on."""
+    which = ", ".join(f"{n} at {addresses[n]}" for n in failed)
+    why = str(down) if down is not None else "on another rank"
+    return TrainError(f"teacher server {which} stopped answering ({why}); restart its `brts serve` and resume with "
+                      f"`brts train --resume {run_dir}`", exit_code=EXIT_TEACHER_DOWN)
 
 
 def full_state_for_rollouts(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +108,7 @@ class StepRunner:
     problems: list[Any]
     spec: Any
     is_main: bool
-    pending: dict[int, "Future[Any]"] = field(default_factory=dict)
+    pending: dict[int, Routed] = field(default_factory=dict)
     _prompts: dict[int, tuple[list[StepPrompt], int]] = field(default_factory=dict)
 
     @property
@@ -112,9 +125,16 @@ class StepRunner:
                 del self._prompts[old]
         return self._prompts[step]
 
+    @property
+    def teachers(self) -> list[str]:
+        """The run's teacher names, the same on every rank (the order of the per-teacher flags and counters)."""
+        return list(self.link.entries)
+
     def request_candidates(self, step: int) -> None:
         if self.config.teacher_branch and step < self.config.max_steps and step not in self.pending:
-            self.pending[step] = self.link.candidates(teacher_requests(self.prompts(step)[0], self.config, step))
+            prompts = self.prompts(step)[0]
+            self.pending[step] = self.link.candidates(teacher_requests(prompts, self.config, step),
+                                                      teachers_of(prompts, self.config))
 
     # ------------------------------------------------------------------ one step
 
@@ -143,35 +163,31 @@ class StepRunner:
         t = time.perf_counter()
         seqs = [prompts[r.prompt].ids + r.token_ids for r in rows]
         starts = [len(prompts[r.prompt].ids) for r in rows]
+        routes = teachers_of(prompts, cfg)  # each row is scored by its prompt's teacher
         rollout_topk: list[Any] = [None] * len(rows)
-        scores: list[tuple[list[int], Future[Any]]] = []
+        scores: list[tuple[list[int], Routed]] = []
         for batch, got in iter_student_topk(self.wrapper, seqs, starts, cfg.logprob_k, cfg.token_budget, self.device):
             for i, rows_topk in zip(batch, got):
                 rollout_topk[i] = rows_topk
             scores.append((batch, self.link.score([seqs[i] for i in batch], [starts[i] for i in batch],
                                                   [got[b][0].numpy().astype("int32") for b in range(len(batch))],
-                                                  cfg.logprob_k)))
+                                                  cfg.logprob_k, [routes[rows[i].prompt] for i in batch])))
         c.time("student_topk", time.perf_counter() - t)
 
-        choices, ok, why = self._select(step, prompts, rows_of, rollout_topk, c)
+        choices, down, failed = self._select(step, prompts, rows_of, rollout_topk, routes, c)
         sc: list[TrainSequence] = []
-        if ok:
+        if not failed:
             t = time.perf_counter()
             try:
-                for batch, fut in scores:
-                    for i, res in zip(batch, TeacherLink.result(fut, "Score")):
-                        ids = rollout_topk[i][0]
-                        sc.append(TrainSequence(torch.tensor(seqs[i], dtype=torch.long), starts[i], ids,
-                                                torch.from_numpy(res.candidate_logprobs.astype("float32"))))
-                        c.add("ts_overlap_sum", topk_overlap(ids, res.topk_ids))
-                        c.add("ts_overlap_n")
+                sc = self._student_context(scores, seqs, starts, rollout_topk, c)
             except TeacherDown as exc:
-                ok, why = False, str(exc)
+                down = exc
             c.time("score_wait", time.perf_counter() - t)
-        if not _agree_ok(ok, self.device):
-            raise TrainError(f"teacher server {cfg.server} stopped answering ({why or 'on another rank'}); "
-                             f"restart `brts serve` and resume with `brts train --resume {cfg.run_dir}`",
-                             exit_code=EXIT_TEACHER_DOWN)
+            failed = _agree_down(down, self.teachers, self.device)
+        if failed:
+            raise teacher_down_error(failed, down, self.link.addresses, cfg.run_dir)
+        for name, seconds in self.link.take_score_seconds().items():
+            c.time(f"score/{name}", seconds)
         tc = self._teacher_sequences(prompts, rows, rows_of, choices, c)
 
         t = time.perf_counter()
@@ -181,7 +197,7 @@ class StepRunner:
         self.rollouts.push_weights(full_state_for_rollouts(self.wrapper))
         c.time("weight_push", time.perf_counter() - t)
         c.time("step", time.perf_counter() - t_step)
-        g = reduce_counters(c, self.device)
+        g = reduce_counters(c, self.device, self.teachers)
         if not self.is_main:
             return None
         lr = self.updater.optimizer.param_groups[0]["lr"]
@@ -189,40 +205,38 @@ class StepRunner:
 
     # ------------------------------------------------------------------ selection
 
+    def _student_context(self, scores: list[tuple[list[int], Routed]], seqs: list[tuple[int, ...]],
+                         starts: list[int], rollout_topk: list[Any], c: StepCounters) -> list[TrainSequence]:
+        """The student-context branch: each rollout with its teacher's log-probs at the student's top-K."""
+        out = []
+        for batch, routed in scores:
+            for i, res in zip(batch, routed.wait("Score")):
+                ids = rollout_topk[i][0]
+                out.append(TrainSequence(torch.tensor(seqs[i], dtype=torch.long), starts[i], ids,
+                                         torch.from_numpy(res.candidate_logprobs.astype("float32"))))
+                c.add("ts_overlap_sum", topk_overlap(ids, res.topk_ids))
+                c.add("ts_overlap_n")
+        return out
+
     def _select(self, step: int, prompts: list[StepPrompt], rows_of: dict[int, list[int]], rollout_topk: list[Any],
-                c: StepCounters) -> tuple[dict[int, list[Choice]], bool, str]:
-        """Per prompt, one Choice per row. Collective in ``prefix`` mode (the student's forward on candidates),
-        so every rank calls it; ranks whose candidates failed still take part with nothing to score."""
+                routes: list[str], c: StepCounters) -> tuple[dict[int, list[Choice]], TeacherDown | None, list[str]]:
+        """Per prompt, one Choice per row; (choices, this rank's failure, the teachers that failed on any rank).
+        Collective in ``prefix`` mode (the student's forward on candidates), so every rank calls it; when a
+        teacher failed on any rank, every rank returns before that forward."""
         cfg = self.config
         if not cfg.teacher_branch:
-            return {}, True, ""
+            return {}, None, []
         t = time.perf_counter()
-        ok, why, results = True, "", {}
+        down, answers = None, []
         try:
-            results = TeacherLink.result(self.pending.pop(step), "GetCandidates")
+            answers = self.pending.pop(step).wait("GetCandidates")
         except TeacherDown as exc:
-            ok, why = False, str(exc)
+            down = exc
         c.time("teacher_wait", time.perf_counter() - t)
-        if not _agree_ok(ok, self.device):
-            return {}, False, why
-        pools: list[Pool] = []
-        vocab = self.student_vocab
-        for sp in prompts:
-            res = results[sp.prompt_id]
-            # a candidate with a token the student has no embedding for (a wider teacher's padding id) can be
-            # neither scored by the student nor trained on: it leaves the pool, counted
-            usable = [x for x in res.candidates if x.token_ids.size == 0 or int(x.token_ids.max()) < vocab]
-            c.add("candidates_beyond_vocab", len(res.candidates) - len(usable))
-            pool = Pool.of(usable)
-            pools.append(pool)
-            c.add("cache_hits", res.cache_hit)
-            c.add("candidates", len(res.candidates))
-            c.add("tier1_any_correct", any(x.correct for x in pool.tier1))
-            c.add("tier1_correct", sum(x.correct for x in pool.tier1))
-            c.add("tier1_candidates", len(pool.tier1))
-            c.add("tier2_drawn", res.tier2_drawn > 0)
-            c.add("tier2_rescued", any(x.correct for x in pool.tier2))
-            c.add("tier2_leaked", res.tier2_leaked)
+        failed = _agree_down(down, self.teachers, self.device)
+        if failed:
+            return {}, down, failed
+        pools = [self._pool(res, c) for res in answers]
         t = time.perf_counter()
         if cfg.overlap_mode == "position":
             choices = {p: choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3)
@@ -230,15 +244,40 @@ class StepRunner:
         else:
             choices = self._choose_prefix(prompts, pools, rows_of, c)
         c.time("selection_forward", time.perf_counter() - t)
-        for per in choices.values():
+        several = len(self.teachers) > 1
+        for p, per in choices.items():
             for ch in per:
-                c.add({1: "tier1", 2: "tier2", 3: "tier3", None: "skip"}[ch.tier])
+                tier = {1: "tier1", 2: "tier2", 3: "tier3", None: "skip"}[ch.tier]
+                c.add(tier)
+                if several:
+                    c.add(f"teacher/{routes[p]}/{tier}")
                 if ch.overlap is not None:
                     c.add("chosen_overlap_sum", ch.overlap)
                     c.add("chosen_overlap_n")
                 c.add("other_overlap_sum", sum(ch.others))
                 c.add("other_overlap_n", len(ch.others))
-        return choices, True, ""
+        if several:
+            for res, name in zip(answers, routes):
+                c.add(f"teacher/{name}/prompts")
+                c.add(f"teacher/{name}/cache_hits", res.cache_hit)
+        return choices, None, []
+
+    def _pool(self, res: Any, c: StepCounters) -> Pool:
+        """A prompt's candidates as a Pool, counted. A candidate with a token the student has no embedding for (a
+        wider teacher's padding id) can be neither scored by the student nor trained on: it leaves the pool."""
+        vocab = self.student_vocab
+        usable = [x for x in res.candidates if x.token_ids.size == 0 or int(x.token_ids.max()) < vocab]
+        c.add("candidates_beyond_vocab", len(res.candidates) - len(usable))
+        pool = Pool.of(usable)
+        c.add("cache_hits", res.cache_hit)
+        c.add("candidates", len(res.candidates))
+        c.add("tier1_any_correct", any(x.correct for x in pool.tier1))
+        c.add("tier1_correct", sum(x.correct for x in pool.tier1))
+        c.add("tier1_candidates", len(pool.tier1))
+        c.add("tier2_drawn", res.tier2_drawn > 0)
+        c.add("tier2_rescued", any(x.correct for x in pool.tier2))
+        c.add("tier2_leaked", res.tier2_leaked)
+        return pool
 
     def _choose_prefix(self, prompts: list[StepPrompt], pools: list[Pool], rows_of: dict[int, list[int]],
                        c: StepCounters) -> dict[int, list[Choice]]:

@@ -26,6 +26,12 @@ def _status(code: int, message: str) -> None:
         Path(path).write_text(json.dumps({"code": code, "message": message}) + "\n", encoding="utf-8")
 
 
+def expected_teachers() -> dict[str, str] | None:
+    """The fingerprint of each teacher as the launcher's preflight saw it (a JSON map in ``TEACHER_ENV``)."""
+    raw = os.environ.get(TEACHER_ENV)
+    return {str(k): str(v) for k, v in json.loads(raw).items()} if raw else None
+
+
 def train(config_path: str, resume: str | None) -> int:
     """Set up, run the steps, tear down; returns the exit code (rank 0 prints the outcome)."""
     from transformers.utils import logging as hf_logging
@@ -40,7 +46,7 @@ def train(config_path: str, resume: str | None) -> int:
     info = init_distributed(launch.device if launch.device != "auto" else "auto")
     trainer = None
     try:
-        trainer = Trainer(config, info, resume, os.environ.get(TEACHER_ENV) or None)
+        trainer = Trainer(config, info, resume, expected_teachers())
         message = trainer.run()
         if info.is_main:
             print(f"brts train: {message}", flush=True)

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,16 +49,44 @@ SUM_KEYS = (
 )
 
 
-def reduce_counters(c: StepCounters, device: torch.device) -> dict[str, float]:
-    """Global sums and max times (collective)."""
-    sums = torch.tensor([c.sums.get(k, 0.0) for k in SUM_KEYS], dtype=torch.float64, device=device)
-    times = torch.tensor([c.times.get(k, 0.0) for k in TIME_KEYS], dtype=torch.float64, device=device)
+#: Counted per teacher when a run has several (``teacher/NAME/...``); their Score seconds are ``time/score/NAME``.
+TEACHER_SUM_KEYS = ("prompts", "cache_hits", "tier1", "tier2", "tier3", "skip")
+
+
+def teacher_keys(teachers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The extra (sum, time) counter names of a run with several teachers (none for one: the totals say it)."""
+    if len(teachers) < 2:
+        return [], []
+    return [f"teacher/{n}/{k}" for n in teachers for k in TEACHER_SUM_KEYS], [f"score/{n}" for n in teachers]
+
+
+def reduce_counters(c: StepCounters, device: torch.device,
+                    teachers: Sequence[str] = ()) -> dict[str, float]:
+    """Global sums and max times (collective); every rank passes the same ``teachers`` (the config's)."""
+    extra_sums, extra_times = teacher_keys(teachers)
+    sum_keys, time_keys = (*SUM_KEYS, *extra_sums), (*TIME_KEYS, *extra_times)
+    sums = torch.tensor([c.sums.get(k, 0.0) for k in sum_keys], dtype=torch.float64, device=device)
+    times = torch.tensor([c.times.get(k, 0.0) for k in time_keys], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    out = dict(zip(SUM_KEYS, sums.tolist()))
-    out.update({f"time/{k}": v for k, v in zip(TIME_KEYS, times.tolist())})
+    out = dict(zip(sum_keys, sums.tolist()))
+    out.update({f"time/{k}": v for k, v in zip(time_keys, times.tolist())})
     return out
+
+
+def _teacher_metrics(g: Mapping[str, float]) -> dict[str, Any]:
+    """Per teacher of a routed run: its prompts, cache hit rate and tier shares (its Score time is a time/ key)."""
+    names = sorted({k.split("/")[1] for k in g if k.startswith("teacher/") and k.endswith("/prompts")})
+    rec: dict[str, Any] = {}
+    for n in names:
+        t = {k: g[f"teacher/{n}/{k}"] for k in TEACHER_SUM_KEYS}
+        decided = t["tier1"] + t["tier2"] + t["tier3"] + t["skip"]
+        rec[f"teacher/{n}/prompts"] = int(t["prompts"])
+        rec[f"teacher/{n}/cache_hit_rate"] = _ratio(t["cache_hits"], t["prompts"])
+        rec.update({f"teacher/{n}/tier/{k.removeprefix('tier')}": _ratio(t[k], decided)
+                    for k in ("tier1", "tier2", "tier3", "skip")})
+    return rec
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -110,6 +138,7 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
     for key in ("sc_student_mass", "sc_teacher_mass", "tc_teacher_mass", "tc_student_mass"):  # issue #24
         value = getattr(stats, key, float("nan"))
         rec[key] = value if math.isfinite(value) else None
+    rec.update(_teacher_metrics(g))
     rec.update({k: round(v, 4) for k, v in g.items() if k.startswith("time/")})
     return rec
 

@@ -15,9 +15,11 @@ from brts.shared.client import Prompt
 from brts.shared.config import TrainConfig
 from brts.shared.data import Problem
 from brts.shared.prompts import PromptSpec
+from brts.trainer.routing import RoutingError, teacher_of
 from brts.trainer.sampler import PromptDraw, PromptSampler, pool_offset
 
-__all__ = ["StepPrompt", "build_step_prompts", "prompt_spec_of", "teacher_requests"]
+__all__ = ["StepPrompt", "build_step_prompts", "first_steps_requests", "prompt_spec_of", "teacher_requests",
+           "teachers_of"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,27 @@ def teacher_requests(prompts: Sequence[StepPrompt], config: TrainConfig, step: i
     return out
 
 
+def teachers_of(prompts: Sequence[StepPrompt], config: TrainConfig) -> list[str]:
+    """Each prompt's teacher by its route (``trainer/routing.py``); the launcher has checked that all have one."""
+    names = config.teacher_entries()
+    out = []
+    for sp in prompts:
+        name = teacher_of(sp.problem.route, names)
+        if name is None:
+            raise RoutingError(f"problem {sp.problem.id}: route {sp.problem.route!r} names no teacher "
+                               f"({', '.join(names)}) and there is no default")
+        out.append(name)
+    return out
+
+
 def first_steps_requests(
     config: TrainConfig, problems: Sequence[Problem], spec: PromptSpec, steps: int
-) -> list[Prompt]:
-    """Every rank's requests of the first ``steps`` steps (for the launcher's cache check)."""
+) -> dict[str, list[Prompt]]:
+    """Every rank's requests of the first ``steps`` steps by teacher (for the launcher's cache check)."""
     sampler = PromptSampler(len(problems), config.prompts_per_step, config.seed)
-    out: list[Prompt] = []
+    out: dict[str, list[Prompt]] = {}
     for step in range(min(steps, config.max_steps)):
         kept, _ = build_step_prompts(sampler.draw_all(step), problems, spec)
-        out += teacher_requests(kept, config, step)
+        for name, prompt in zip(teachers_of(kept, config), teacher_requests(kept, config, step)):
+            out.setdefault(name, []).append(prompt)
     return out

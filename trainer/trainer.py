@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from brts.shared.config import TrainConfig
+from brts.trainer.checkpoint import saved_teachers, teacher_set_change
 from brts.trainer.checkpoint_manager import CheckpointManager
 from brts.trainer.fsdp import DistInfo
 from brts.trainer.loop import EXIT_TEACHER_DOWN, StepRunner, TrainError, full_state_for_rollouts
@@ -29,8 +30,9 @@ class Trainer:
     """Everything one rank holds for a run. Raises ``TrainError`` (one line for the user, an exit code) from
     ``__init__`` or ``run()``; ``close()`` releases what was opened, also after a failed ``__init__``."""
 
-    def __init__(self, config: TrainConfig, info: DistInfo, resume: str | None, expected_teacher: str | None) -> None:
-        """``expected_teacher``: the fingerprint the launcher's preflight saw (None: not checked against)."""
+    def __init__(self, config: TrainConfig, info: DistInfo, resume: str | None,
+                 expected_teachers: dict[str, str] | None) -> None:
+        """``expected_teachers``: each teacher's fingerprint as the launcher's preflight saw it (None: not checked)."""
         self.config, self.info, self.is_main = config, info, info.is_main
         self.bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and info.device.type == "cuda")
         self.link: Any = None
@@ -39,14 +41,14 @@ class Trainer:
         self.checkpoints = CheckpointManager(config, info.device)
         torch.manual_seed(config.seed)
         try:
-            self._setup(resume, expected_teacher)
+            self._setup(resume, expected_teachers)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------------ setup
 
-    def _setup(self, resume: str | None, expected_teacher: str | None) -> None:
+    def _setup(self, resume: str | None, expected_teachers: dict[str, str] | None) -> None:
         from brts.shared.data import load_dataset
         from brts.trainer.sampler import PromptSampler
         from brts.trainer.step_prompts import prompt_spec_of
@@ -56,11 +58,11 @@ class Trainer:
             self.checkpoints.refuse_overwrite(resume)  # before the slow part: models load for a while
         except ValueError as exc:
             raise TrainError(str(exc)) from None
-        problems = load_dataset(config.dataset)
+        problems = load_dataset(config.dataset, config.teacher_route)
         self.spec = prompt_spec_of(config)
         wrapper, updater = self._build_student()
-        self.start = self._restore(resume, wrapper, updater.optimizer, expected_teacher)
-        self._connect_teacher(expected_teacher)
+        self.start = self._restore(resume, wrapper, updater.optimizer, expected_teachers)
+        self._connect_teachers(expected_teachers)
         self._start_rollouts()
         self.rollouts.push_weights(full_state_for_rollouts(wrapper))
         sampler = PromptSampler(len(problems), config.prompts_per_step, config.seed, info.rank, info.world_size)
@@ -88,29 +90,28 @@ class Trainer:
         return wrapper, updater
 
     def _restore(self, resume: str | None, wrapper: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 expected_teacher: str | None) -> int:
-        """The step to continue after (0 for a fresh run); a resume against another teacher is refused, since
-        its cached candidates and scores would not be the ones the checkpoint trained on."""
+                 expected_teachers: dict[str, str] | None) -> int:
+        """The step to continue after (0 for a fresh run); a resume against another set of teachers (a name
+        added or gone, a teacher that serves another model) is refused, since their cached candidates and scores
+        would not be the ones the checkpoint trained on."""
         try:
             start, state = self.checkpoints.restore(resume, wrapper, optimizer)
         except (ValueError, FileNotFoundError) as exc:  # a different config, no complete checkpoint
             raise TrainError(str(exc)) from None
-        saved_teacher = state.get("teacher")
-        if expected_teacher and saved_teacher and saved_teacher != expected_teacher:
-            raise TrainError(f"the checkpoint was trained against teacher {saved_teacher[:12]}, the server at "
-                             f"{self.config.server} serves {expected_teacher[:12]}: resume against the same teacher")
+        change = teacher_set_change(saved_teachers(state), expected_teachers or {})
+        if change:
+            raise TrainError(change)
         return start
 
-    def _connect_teacher(self, expected_teacher: str | None) -> None:
+    def _connect_teachers(self, expected_teachers: dict[str, str] | None) -> None:
         from brts.shared.client import TeacherMismatchError, TeacherUnavailableError
         from brts.trainer.teacher_link import TeacherLink
 
         try:
-            self.link = TeacherLink(self.config, expected_teacher)
+            self.link = TeacherLink(self.config, expected_teachers)
         except (TeacherUnavailableError, TeacherMismatchError) as exc:
             raise TrainError(str(exc)) from None
-        teacher = self.link.client.info.teacher_fingerprint if self.link.client.info else ""
-        self.checkpoints.train_state = {"teacher": teacher}  # checked against the server on the next resume
+        self.checkpoints.train_state = {"teachers": self.link.fingerprints()}  # checked on the next resume
 
     def _start_rollouts(self) -> None:
         from brts.trainer.rollout import make_rollout_engine

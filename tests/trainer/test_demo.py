@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +15,6 @@ from brts.demo import DemoPaths, DemoSettings, _write_problems, run_demo
 from brts.demo_runs import DemoError, train_command
 
 TINY = DemoSettings(problems=8, held_out=4, steps=2, prompts_per_step=4, eval_n=2)
-
-
-@pytest.fixture(scope="module")
-def toy_student_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from brts.toy import fit_toy_model
-
-    cache = getattr(request.config, "cache", None)
-    folder = Path(cache.mkdir("toy-student")) if cache is not None else tmp_path_factory.mktemp("toy-student")
-    return fit_toy_model(folder, quality="student")
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_
     log = (tmp_path / "log").read_text()
     assert code == 3, log[-3000:]
     last = [line for line in log.splitlines() if line.strip()][-1]
-    assert "stopped answering" in last and "--resume" in last
+    assert "teacher server default at" in last and "stopped answering" in last and "--resume" in last
     done = max(x["step"] for x in metrics(run))
     assert (run / "checkpoints" / f"step_{done:06d}" / "COMPLETE").is_file()  # no finished step was lost
 
@@ -188,13 +188,13 @@ def test_a_teacher_that_disagrees_with_itself_is_refused(env, tmp_path):
     try:
         cfg = _config(env, "agree", server=server.address)
         config, _ = load_train_config(cfg)
-        report = check_server(config, [])
+        (report,) = check_server(config, {})
         measured = report.agreement.disagreement
         print(report.agreement.line())  # shown with -s: the figure for the notes
         assert report.agreement.dtype == "bfloat16" and report.agreement.tolerance == 0.1 and report.agreement.ok
         assert 0 < measured < 0.1, report.line()
         with pytest.raises(StartupError, match="teacher agreement"):
-            check_server(load_train_config(cfg, [f"teacher_agreement_tolerance={measured / 10!r}"])[0], [])
+            check_server(load_train_config(cfg, [f"teacher_agreement_tolerance={measured / 10!r}"])[0], {})
         refused = train("--config", str(cfg), f"teacher_agreement_tolerance={measured / 10!r}")
     finally:
         server.stop()

@@ -1,0 +1,171 @@
+"""Several teachers for real: two `brts serve` processes of different strength (``teacher_pair``), prompts routed by
+a dataset column, the weak teacher's prompts prewarmed with ``brts prewarm --route``, a 3-step run on 2 gloo ranks,
+checked through each server's own counters and cache, then an exact resume and a resume against another set of
+teachers (refused).
+
+Why counters and caches and not the trainer's word: the trainer's per-teacher metrics could be right while the
+requests went elsewhere. Each server counts every prompt it answered (``brts_prompts``: the start-up check's
+cache-only requests, the prewarm's and the run's), and its cache names every prompt it generated for, so both must
+match the routing rule exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brts.trainer.config import load_train_config
+from brts.trainer.routing import problems_of
+from brts.trainer.step_prompts import first_steps_requests, prompt_spec_of
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_env import (  # noqa: E402 - after the sys.path line that makes the sibling helper modules importable
+    BRTS,
+    HANG_S,
+    REPO,
+    TRAIN_ENV,
+    metrics,
+    one_line,
+    train,
+    write_config,
+)
+
+WEAK_MAX_NEW_TOKENS = 20  # the weak teacher's own sampling override (the run's is 24): it enters its pool keys
+
+
+def _write_routed_problems(path, n: int = 24):
+    """Toy problems with a data_source column: "weak" (the weak teacher), "arith" (no teacher of that name: the
+    default) and none at all (the default)."""
+    from brts.toy import make_problems
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(make_problems(n, seed=5)):
+            row = {"id": p.id, "problem": p.problem, "answer": p.answer}
+            if i % 3 != 2:
+                row["data_source"] = "weak" if i % 3 == 0 else "arith"
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _prompts(counters: dict[str, float]) -> float:
+    """Every prompt the server answered in GetCandidates (cache hit, miss, or absent from a cache-only request)."""
+    return sum(v for k, v in counters.items() if k.startswith("brts_prompts_total{"))
+
+
+def _cached_problem_ids(cache) -> tuple[set[str], set[str]]:
+    """(problem ids named in the server's cache, the max_new_tokens of its pools) from its own LMDB."""
+    from brts.server.cache.admin import export_rows
+
+    ids, budgets = set(), set()
+    for row in export_rows(cache):
+        ids |= {name.split("@")[0] for name in row["prompt_names"]}
+        budgets.add(json.loads(row["sampling"])["max_new_tokens"])
+    return ids, budgets
+
+
+@pytest.fixture(scope="module")
+def routed(e2e_env, teacher_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("routed")
+    problems = _write_routed_problems(root / "problems.jsonl")
+    teachers = {"default": {"address": teacher_pair["strong"]["address"]},
+                "weak": {"address": teacher_pair["weak"]["address"],
+                         "sampling": {"max_new_tokens": WEAK_MAX_NEW_TOKENS}}}
+    cfg = write_config(root / "routed.yaml", student=str(e2e_env["student"]), dataset=str(problems),
+                       run_dir=str(root / "run"), teachers=teachers, teacher_route="data_source", save_every=1)
+    data = yaml.safe_load(cfg.read_text())
+    del data["server"]  # the teachers section replaces it
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = {name: _prompts(t["metrics"]()) for name, t in teacher_pair.items()}
+    prewarm = subprocess.run([*BRTS, "prewarm", "--config", str(cfg), "--route", "weak", "--no-progress"],
+                             capture_output=True, text=True, timeout=HANG_S, env=TRAIN_ENV, cwd=REPO)
+    assert prewarm.returncode == 0, prewarm.stderr[-3000:]
+    warmed = {name: _prompts(t["metrics"]()) for name, t in teacher_pair.items()}
+    run = train("--config", str(cfg))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    after = {name: _prompts(t["metrics"]()) for name, t in teacher_pair.items()}
+    return {"cfg": cfg, "root": root, "before": before, "warmed": warmed, "after": after, "prewarm": prewarm,
+            "run": run}
+
+
+def test_each_prompt_goes_to_its_teacher_by_each_servers_own_counters(routed, teacher_pair):
+    config, _ = load_train_config(routed["cfg"])
+    from brts.shared.data import load_dataset
+
+    problems = load_dataset(config.dataset, config.teacher_route)
+    names = config.teacher_entries()
+    weak_ids = {p.id for p in problems_of(problems, names, "weak")}
+    default_ids = {p.id for p in problems_of(problems, names, "default")}
+    assert len(weak_ids) == 8 and len(default_ids) == 16  # "arith" and no value both go to default
+
+    # the route-aware prewarm asked only the weak teacher, for exactly its prompts
+    assert "brts prewarm: prompts 8 (0 already cached" in routed["prewarm"].stdout
+    assert routed["warmed"]["weak"] - routed["before"]["weak"] == 8
+    assert routed["warmed"]["strong"] == routed["before"]["strong"]
+
+    recs = metrics(routed["root"] / "run")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert r["teacher/default/prompts"] + r["teacher/weak/prompts"] == r["prompts"]
+        # the weak teacher's prompts were all prewarmed, with its own sampling: every request is a hit
+        assert r["teacher/weak/prompts"] == 0 or r["teacher/weak/cache_hit_rate"] == 1.0
+    assert sum(r["teacher/weak/prompts"] for r in recs) > 0 and sum(r["teacher/default/prompts"] for r in recs) > 0
+    assert any(r["time/score/weak"] > 0 for r in recs) and any(r["time/score/default"] > 0 for r in recs)
+    assert "prompts per teacher: default 16, weak 8" in routed["run"].stdout
+
+    # each server's own count: the start-up check's requests routed to it, then the run's
+    first = first_steps_requests(config, problems, prompt_spec_of(config), 4)
+    for server, teacher in (("strong", "default"), ("weak", "weak")):
+        asked = routed["after"][server] - routed["warmed"][server]
+        assert asked == len(first[teacher]) + sum(r[f"teacher/{teacher}/prompts"] for r in recs), server
+
+    # and each cache holds only its own teacher's prompts, drawn with its own sampling
+    strong_ids, strong_budgets = _cached_problem_ids(teacher_pair["strong"]["cache"])
+    weak_cached, weak_budgets = _cached_problem_ids(teacher_pair["weak"]["cache"])
+    assert weak_cached == weak_ids and weak_budgets == {WEAK_MAX_NEW_TOKENS}
+    assert strong_ids and strong_ids <= default_ids and strong_budgets == {config.sampling.max_new_tokens}
+
+
+def test_routed_run_resumes_exactly_and_refuses_another_set_of_teachers(routed, teacher_pair):
+    run = routed["root"] / "run"
+    resumed_dir = routed["root"] / "resumed"
+    again = train("--resume", str(run / "checkpoints" / "step_000002"), f"run_dir={resumed_dir}")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    a, b = metrics(run), metrics(resumed_dir)
+    assert [x["step"] for x in b] == [3]
+    for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm", "teacher/weak/prompts"):
+        assert b[0][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-6), key
+        assert key.startswith("teacher/") or a[2][key] != pytest.approx(a[1][key], rel=1e-4, abs=1e-6), key
+
+    # a third name (a replica of the strong teacher: allowed in a fresh run) is not the set the run trained with
+    extra = f"teachers.extra.address={teacher_pair['strong']['address']}"
+    refused = train("--resume", str(run), extra, f"run_dir={routed['root'] / 'other'}")
+    assert refused.returncode == 1
+    line = one_line(refused.stderr)
+    assert line.startswith("brts train: the checkpoint was trained against teachers default=") and \
+        "extra=" in line and "resume against the same teachers" in line
+    assert not (routed["root"] / "other").exists()
+
+
+def test_unroutable_prompts_and_a_pinned_fingerprint_that_differs_are_refused_at_start(routed, teacher_pair, tmp_path):
+    cfg = yaml.safe_load(routed["cfg"].read_text())
+    cfg["teachers"] = {"weak": cfg["teachers"]["weak"], "strong": cfg["teachers"]["default"]}
+    cfg["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "no-default.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    refused = train("--config", str(path))
+    assert refused.returncode == 1
+    assert one_line(refused.stderr) == (
+        "brts train: teacher_route column 'data_source': 16 prompts route to no teacher and there is no 'default' "
+        "teacher: values '(none)' (8), 'arith' (8); teachers: strong, weak (add a teacher of that name or one named "
+        "'default')")
+    pinned = train("--config", str(routed["cfg"]), f"run_dir={tmp_path / 'pinned'}",
+                   "teachers.weak.expected_fingerprint=not-the-weak-teacher")
+    assert pinned.returncode == 1
+    line = one_line(pinned.stderr)
+    assert line.startswith("brts train: teacher weak: teacher server ") and "expected not-the-weak-teacher" in line \
+        and "teachers.weak.expected_fingerprint" in line
