@@ -117,17 +117,17 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
                                 ("max_prompt_len", max_prompt_len)) if v is not None}
     if prompt:
         values["prompt"] = prompt
-    problems = None
     try:
         if route is not None:
-            config, sampling, problems, token_file, tls_ca = _route_plan(config_file, route, overrides, values,
-                                                                         (token_file, tls_ca))
+            passes, sampling, token_file, tls_ca = _route_plan(config_file, route, overrides, values,
+                                                               (token_file, tls_ca))
         else:
-            config = load_config(PrewarmConfig, config_file, overrides, **values)
+            passes = [(load_config(PrewarmConfig, config_file, overrides, **values), None, "")]
             explicit = parse_overrides(overrides).get("sampling", {})
-            sampling = Sampling(**{k: getattr(config.sampling, k) for k in explicit}) if explicit else None
+            sampling = Sampling(**{k: getattr(passes[0][0].sampling, k) for k in explicit}) if explicit else None
     except (ConfigError, ValueError, OSError) as exc:
         _die(f"brts prewarm: {exc}")
+    config, problems, _ = passes[0]
     token = open(token_file).read().strip() if token_file else None
     try:
         client = TeacherClient(config.server, token=token, tls_ca=tls_ca)
@@ -144,22 +144,28 @@ def prewarm(config_file: str | None, overrides: tuple[str, ...], check: bool, to
                                "sampling differs from what was prewarmed (tokenizer, chat template, suffix)", err=True)
                 _report_consistency(r)
                 return
-            summary = pw.prewarm(config, client, sampling, problems, progress=not no_progress)
+            summaries = [(label, pw.prewarm(cfg, client, sampling, probs, progress=not no_progress))
+                         for cfg, probs, label in passes]
         except ValueError as exc:
             _die(f"brts prewarm: {exc}")
-    for line in summary.lines():
-        click.echo(f"brts prewarm: {line}")
+    for label, summary in summaries:
+        for line in summary.lines():
+            click.echo(f"brts prewarm: {label}{line}")
 
 
 def _route_plan(config_file: str | None, route: str, overrides: tuple[str, ...], values: dict[str, Any],
-                reach: tuple[str | None, str | None]) -> tuple[Any, Any, list[Any], str | None, str | None]:
-    """``--route NAME``: (PrewarmConfig, Sampling, the problems routed to NAME, token file, TLS CA) from a training
-    config, built exactly as the trainer asks (same window, Tier 2, top-K, prompt spec and the teacher's sampling),
-    so that every prompt prewarmed here is a cache hit for the run."""
+                reach: tuple[str | None, str | None]) -> tuple[list[tuple[Any, Any, str]], Any, str | None, str | None]:
+    """``--route NAME``: (the passes as (PrewarmConfig, problems, label), Sampling, token file, TLS CA) from a
+    training config, built exactly as the trainer asks (same window, Tier 2, top-K, prompt spec and the teacher's
+    sampling), so that every prompt prewarmed here is a cache hit for the run. The first pass is the prompts routed
+    to NAME; when NAME is in ``candidate_teachers``, a second pass fills its Tier-1 windows of every other prompt
+    (what a cross-teacher pool asks it for: no Tier 2, which only the routed teacher draws)."""
+    from dataclasses import replace
+
     from brts.shared.config import ConfigError, PrewarmConfig
     from brts.shared.data import load_dataset
     from brts.trainer.config import load_train_config
-    from brts.trainer.routing import problems_of
+    from brts.trainer.routing import problems_of, teacher_of
     from brts.trainer.teacher_link import sampling_of
 
     if config_file is None:
@@ -174,12 +180,17 @@ def _route_plan(config_file: str | None, route: str, overrides: tuple[str, ...],
     if route not in entries:
         raise ConfigError(f"--route: no teacher named {route!r} in {config_file}; teachers: {', '.join(entries)}")
     entry = entries[route]
-    problems = problems_of(load_dataset(train.dataset, train.teacher_route), entries, route)
-    if not problems:
+    every = load_dataset(train.dataset, train.teacher_route)
+    problems = problems_of(every, entries, route)
+    others = [p for p in every if teacher_of(p.route, entries) != route] if route in train.candidate_teachers else []
+    if not problems and not others:
         raise ValueError(f"--route {route}: no prompt of {train.dataset} is routed to this teacher")
     config = PrewarmConfig(server=entry.address, dataset=train.dataset, n_tier1=train.n_candidates,
                            n_tier2=train.n_tier2, logprob_k=train.logprob_k, prompt=train.prompt,
                            sampling=train.teacher_sampling(route),
                            teacher_agreement_tolerance=train.teacher_agreement_tolerance,
                            **{k: v for k, v in values.items() if k in ("limit", "concurrency", "prompts_per_call")})
-    return config, sampling_of(config.sampling), problems, entry.token_file, entry.tls_ca
+    passes = [(config, problems, "")] if problems else []
+    if others:
+        passes.append((replace(config, n_tier2=0), others, "the other teachers' prompts, Tier 1 for the pool: "))
+    return passes, sampling_of(config.sampling), entry.token_file, entry.tls_ca

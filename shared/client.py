@@ -62,6 +62,8 @@ class Candidate:
     # where the top-K came from (brts.shared.engines.base.LOGPROB_SOURCES): it sets how closely a re-score must
     # match (prewarm --check); "" from a server older than the field, whose numbers were the scorer's
     logprob_source: str = ""
+    # which teacher wrote it, set by the trainer in a cross-teacher pool (not on the wire: "" = the one asked)
+    teacher: str = ""
 
 
 @dataclass

@@ -300,6 +300,9 @@ class TrainConfig(_Validated):
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     # a dataset column whose value names each prompt's teacher (e.g. data_source); no match goes to "default"
     teacher_route: str | None = None
+    # Best-of-N across teachers: a prompt's pool is the union of these teachers' Tier-1 windows, chosen among by
+    # the same rule (trainer/teacher_pool.py); () = off, each prompt's candidates from its routed teacher only
+    candidate_teachers: tuple[str, ...] = ()
     # refuse to start when one sequence scored in different batches disagrees by more (nats); None = by the
     # teacher's dtype (shared/agreement.py: float32 1e-4, bfloat16/float16 0.1)
     teacher_agreement_tolerance: float | None = None
@@ -374,6 +377,16 @@ class TrainConfig(_Validated):
                                     f"give it as teachers.{DEFAULT_TEACHER}.address")
         if self.teacher_route is not None:
             self.require(bool(self.teacher_route.strip()), "teacher_route", "must name a dataset column when set")
+        names = self.teacher_entries()
+        for name in self.candidate_teachers:
+            if name not in names:
+                self.fail("candidate_teachers", f"unknown teacher {name!r}; teachers: {', '.join(names)}")
+        if self.candidate_teachers:
+            self.require(len(set(self.candidate_teachers)) == len(self.candidate_teachers) >= 2,
+                         "candidate_teachers", "must list two or more different teachers (one teacher's pool is "
+                         "the routed run's)")
+            self.require(self.teacher_branch, "candidate_teachers", "needs teacher_branch: true (it pools the "
+                                                                     "teacher-context branch's candidates)")
 
     def teacher_entries(self) -> dict[str, TeacherConfig]:
         """Every teacher by name: ``teachers``, or the one ``server`` names, called ``default``."""

@@ -197,7 +197,7 @@ class StepRunner:
         self.rollouts.push_weights(full_state_for_rollouts(self.wrapper))
         c.time("weight_push", time.perf_counter() - t)
         c.time("step", time.perf_counter() - t_step)
-        g = reduce_counters(c, self.device, self.teachers)
+        g = reduce_counters(c, self.device, self.teachers, bool(cfg.candidate_teachers))
         if not self.is_main:
             return None
         lr = self.updater.optimizer.param_groups[0]["lr"]
@@ -237,12 +237,15 @@ class StepRunner:
         if failed:
             return {}, down, failed
         pools = [self._pool(res, c) for res in answers]
+        # a cross-teacher pool's ties: a seeded draw per (seed, step, prompt), never the teachers' listing order
+        ties = [keyed_seed(cfg.seed, "tie", step, sp.draw.position) if cfg.candidate_teachers else None
+                for sp in prompts]
         t = time.perf_counter()
         if cfg.overlap_mode == "position":
-            choices = {p: choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3)
+            choices = {p: choose_position(pool, [rollout_topk[i][0] for i in rows_of.get(p, [])], cfg.tier3, ties[p])
                        for p, pool in enumerate(pools)}
         else:
-            choices = self._choose_prefix(prompts, pools, rows_of, c)
+            choices = self._choose_prefix(prompts, pools, rows_of, ties, c)
         c.time("selection_forward", time.perf_counter() - t)
         several = len(self.teachers) > 1
         for p, per in choices.items():
@@ -251,6 +254,8 @@ class StepRunner:
                 c.add(tier)
                 if several:
                     c.add(f"teacher/{routes[p]}/{tier}")
+                if cfg.candidate_teachers and ch.candidate is not None:
+                    self._count_chosen(ch, tier, c)
                 if ch.overlap is not None:
                     c.add("chosen_overlap_sum", ch.overlap)
                     c.add("chosen_overlap_n")
@@ -261,6 +266,15 @@ class StepRunner:
                 c.add(f"teacher/{name}/prompts")
                 c.add(f"teacher/{name}/cache_hits", res.cache_hit)
         return choices, None, []
+
+    @staticmethod
+    def _count_chosen(ch: Choice, tier: str, c: StepCounters) -> None:
+        """A cross-teacher pool's choice, by the teacher that wrote the chosen candidate (its client-side tag)."""
+        teacher = ch.candidate.teacher
+        c.add(f"chosen/{teacher}/{tier}")
+        if ch.overlap is not None:
+            c.add(f"chosen/{teacher}/overlap_sum", ch.overlap)
+            c.add(f"chosen/{teacher}/overlap_n")
 
     def _pool(self, res: Any, c: StepCounters) -> Pool:
         """A prompt's candidates as a Pool, counted. A candidate with a token the student has no embedding for (a
@@ -280,7 +294,7 @@ class StepRunner:
         return pool
 
     def _choose_prefix(self, prompts: list[StepPrompt], pools: list[Pool], rows_of: dict[int, list[int]],
-                       c: StepCounters) -> dict[int, list[Choice]]:
+                       ties: list[int | None], c: StepCounters) -> dict[int, list[Choice]]:
         """``prefix`` mode: the student's top-K along each contested candidate after the ORIGINAL prompt (one
         collective forward for all of them), then one choice per prompt, shared by its rows."""
         cfg = self.config
@@ -293,7 +307,7 @@ class StepRunner:
         by_prompt: dict[int, dict[Key, torch.Tensor]] = {}
         for (p, key), (ids, _) in zip(wanted, topk):
             by_prompt.setdefault(p, {})[key] = ids
-        return {p: [choose_prefix(pool, by_prompt.get(p, {}), cfg.tier3)] * len(rows_of.get(p, []))
+        return {p: [choose_prefix(pool, by_prompt.get(p, {}), cfg.tier3, ties[p])] * len(rows_of.get(p, []))
                 for p, pool in enumerate(pools)}
 
     def _teacher_sequences(self, prompts: list[StepPrompt], rows: list[_Row], rows_of: dict[int, list[int]],

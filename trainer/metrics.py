@@ -49,21 +49,26 @@ SUM_KEYS = (
 )
 
 
-#: Counted per teacher when a run has several (``teacher/NAME/...``); their Score seconds are ``time/score/NAME``.
+#: Counted per teacher when a run has several (``teacher/NAME/...``, by the prompts' routes); their Score seconds
+#: are ``time/score/NAME``. With a cross-teacher pool, also per teacher whose candidate was chosen (``chosen/NAME/``).
 TEACHER_SUM_KEYS = ("prompts", "cache_hits", "tier1", "tier2", "tier3", "skip")
+CHOSEN_SUM_KEYS = ("tier1", "tier2", "tier3", "overlap_sum", "overlap_n")
 
 
-def teacher_keys(teachers: Sequence[str]) -> tuple[list[str], list[str]]:
+def teacher_keys(teachers: Sequence[str], pooled: bool = False) -> tuple[list[str], list[str]]:
     """The extra (sum, time) counter names of a run with several teachers (none for one: the totals say it)."""
     if len(teachers) < 2:
         return [], []
-    return [f"teacher/{n}/{k}" for n in teachers for k in TEACHER_SUM_KEYS], [f"score/{n}" for n in teachers]
+    sums = [f"teacher/{n}/{k}" for n in teachers for k in TEACHER_SUM_KEYS]
+    if pooled:
+        sums += [f"chosen/{n}/{k}" for n in teachers for k in CHOSEN_SUM_KEYS]
+    return sums, [f"score/{n}" for n in teachers]
 
 
-def reduce_counters(c: StepCounters, device: torch.device,
-                    teachers: Sequence[str] = ()) -> dict[str, float]:
+def reduce_counters(c: StepCounters, device: torch.device, teachers: Sequence[str] = (),
+                    pooled: bool = False) -> dict[str, float]:
     """Global sums and max times (collective); every rank passes the same ``teachers`` (the config's)."""
-    extra_sums, extra_times = teacher_keys(teachers)
+    extra_sums, extra_times = teacher_keys(teachers, pooled)
     sum_keys, time_keys = (*SUM_KEYS, *extra_sums), (*TIME_KEYS, *extra_times)
     sums = torch.tensor([c.sums.get(k, 0.0) for k in sum_keys], dtype=torch.float64, device=device)
     times = torch.tensor([c.times.get(k, 0.0) for k in time_keys], dtype=torch.float64, device=device)
@@ -86,6 +91,20 @@ def _teacher_metrics(g: Mapping[str, float]) -> dict[str, Any]:
         rec[f"teacher/{n}/cache_hit_rate"] = _ratio(t["cache_hits"], t["prompts"])
         rec.update({f"teacher/{n}/tier/{k.removeprefix('tier')}": _ratio(t[k], decided)
                     for k in ("tier1", "tier2", "tier3", "skip")})
+    return rec
+
+
+def _chosen_metrics(g: Mapping[str, float]) -> dict[str, Any]:
+    """A cross-teacher pool's choices by the teacher that wrote the chosen candidate: its share of all choices and
+    of each tier's, and the chosen candidates' overlap with the live student, per teacher."""
+    names = sorted({k.split("/")[1] for k in g if k.startswith("chosen/") and k.endswith("/overlap_n")})
+    tiers = {t: sum(g[f"chosen/{n}/tier{t}"] for n in names) for t in (1, 2, 3)}
+    total = sum(tiers.values())
+    rec: dict[str, Any] = {}
+    for n in names:
+        rec[f"chosen/{n}/share"] = _ratio(sum(g[f"chosen/{n}/tier{t}"] for t in (1, 2, 3)), total)
+        rec.update({f"chosen/{n}/tier/{t}": _ratio(g[f"chosen/{n}/tier{t}"], tiers[t]) for t in (1, 2, 3)})
+        rec[f"overlap/chosen/{n}"] = _ratio(g[f"chosen/{n}/overlap_sum"], g[f"chosen/{n}/overlap_n"])
     return rec
 
 
@@ -139,6 +158,7 @@ def step_metrics(step: int, g: Mapping[str, float], stats: Any, lr: float) -> di
         value = getattr(stats, key, float("nan"))
         rec[key] = value if math.isfinite(value) else None
     rec.update(_teacher_metrics(g))
+    rec.update(_chosen_metrics(g))
     rec.update({k: round(v, 4) for k, v in g.items() if k.startswith("time/")})
     return rec
 

@@ -123,6 +123,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
         written.append(path)
 
     _plot_training(plt, runs, teacher, colours, save)
+    _plot_teachers(plt, runs, save)
     eval_keys = sorted({k for records in runs.values() for r in records for k in r
                         if k.startswith("eval/") and "/mean@" in k})
     if eval_keys:
@@ -181,6 +182,27 @@ def _plot_training(plt: Any, runs: Runs, teacher: Runs, colours: Mapping[str, st
            "probability mass", "on the teacher's top-K (teacher context)")
     # no fixed 0..1 range: confident models keep these within a few percent of 1, where the changes are
     save(fig, "topk_mass.png")
+
+
+def _plot_teachers(plt: Any, runs: Runs, save: Any) -> None:
+    """``teachers.png`` for runs with a cross-teacher pool (``candidate_teachers``): per run, the share of choices
+    whose candidate each teacher wrote, step by step (no file when no run pooled teachers)."""
+    pooled = {name: records for name, records in runs.items()
+              if any(k.startswith("chosen/") and k.endswith("/share") for r in records for k in r)}
+    if not pooled:
+        return
+    fig, axes = _grid(plt, len(pooled), width=5.5, height=4)
+    for ax, (name, records) in zip(axes, pooled.items()):
+        steps_of = [r for r in records if "loss" in r]
+        teachers = sorted({k.split("/")[1] for r in steps_of for k in r
+                           if k.startswith("chosen/") and k.endswith("/share")})
+        stacks = [[r.get(f"chosen/{t}/share") or 0.0 for r in steps_of] for t in teachers]
+        ax.stackplot([r["step"] for r in steps_of], *stacks, labels=teachers, alpha=0.8)
+        ax.set_title(f"{name}: whose candidate was chosen", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="step", ylabel="share of choices", ylim=(0, 1))
+        ax.legend(fontsize=7, loc="lower left")
+    save(fig, "teachers.png")
 
 
 def _fmt(value: Any) -> str:

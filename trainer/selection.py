@@ -39,8 +39,10 @@ Priority rule (brts-reference §3.4, §4.3, §5)
    no teacher branch at all for that prompt (``tier3="skip"``; the README's ``fallback=skip``,
    which the reference never implemented, §5).
 
-Ties go to the lowest index (the reference's first-max argmax). Tier-2 candidates are never used in
-Tier 3, as in the reference. A prompt without Tier-1 candidates (no teacher pool) gets no teacher branch.
+Ties go to the lowest index (the reference's first-max argmax), except inside a cross-teacher pool
+(``candidate_teachers``, trainer/teacher_pool.py), where listing order would hand every tie to the first-listed
+teacher: there a ``tie_seed`` (from the seed, the step and the prompt) draws the order. Tier-2 candidates are
+never used in Tier 3, as in the reference. A prompt without Tier-1 candidates (no teacher pool) gets no teacher branch.
 
 The rule is written once, in two halves: correctness alone names the **deciding group** (`deciding_group`: the
 correct Tier-1 candidates if there is one, else the correct Tier-2 ones, else all Tier-1), and overlap decides
@@ -53,6 +55,7 @@ then the mean over the scored losers.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,7 +69,7 @@ if TYPE_CHECKING:  # the type only: the config layer reads files, and this modul
     from brts.shared.config import Tier3Policy
 
 __all__ = ["Choice", "Key", "Pool", "choose_position", "choose_prefix", "deciding_group", "overlap_scores",
-           "position_mode_topk", "position_overlap_matrix", "select_candidate", "topk_overlap",
+           "position_mode_topk", "position_overlap_matrix", "select_candidate", "tie_order", "topk_overlap",
            "valid_mask_from_lengths", "valid_rows"]
 
 #: A candidate's place in its prompt's pool: (its tier, 1 or 2; its index within that tier).
@@ -236,10 +239,16 @@ def deciding_group(tier1_correct: Sequence[bool], tier2_correct: Sequence[bool],
     return 3, [(1, i) for i in range(len(tier1_correct))]
 
 
+def tie_order(group: Sequence[Key], tie_seed: int | None) -> list[Key]:
+    """The order in which overlap ties are broken (the first maximum wins): the group's own, lowest index first,
+    when ``tie_seed`` is None; else a permutation drawn from ``tie_seed`` (no member wins ties systematically)."""
+    return list(group) if tie_seed is None else random.Random(tie_seed).sample(list(group), len(group))
+
+
 def select_candidate(tier1_correct: Sequence[bool], tier2_correct: Sequence[bool], overlaps: Mapping[Key, float],
-                     tier3: Tier3Policy) -> tuple[int, Key] | None:
-    """The priority rule: ``(tier, key)`` of the deciding group's member with the highest overlap (the first on
-    ties), or None when `deciding_group` is empty.
+                     tier3: Tier3Policy, tie_seed: int | None = None) -> tuple[int, Key] | None:
+    """The priority rule: ``(tier, key)`` of the deciding group's member with the highest overlap (the first in
+    `tie_order` on ties), or None when `deciding_group` is empty.
 
     `overlaps` needs an entry for every member of a group of two or more; a group of one wins without one. A
     missing or non-finite overlap there is a caller bug and raises ValueError.
@@ -251,7 +260,7 @@ def select_candidate(tier1_correct: Sequence[bool], tier2_correct: Sequence[bool
         return tier, group[0]
     best: Key | None = None
     best_overlap = -math.inf
-    for key in group:
+    for key in tie_order(group, tie_seed):
         overlap = float(overlaps.get(key, math.nan))
         if not math.isfinite(overlap):
             raise ValueError(f"overlap of candidate {key}: must be a finite number, got {overlaps.get(key)!r}")
@@ -301,16 +310,17 @@ class Choice:
     others: list[float]  # of the scored candidates not chosen
 
 
-def _choice(pool: Pool, overlaps: dict[Key, float], tier3: Tier3Policy) -> Choice:
+def _choice(pool: Pool, overlaps: dict[Key, float], tier3: Tier3Policy, tie_seed: int | None) -> Choice:
     picked = select_candidate([bool(c.correct) for c in pool.tier1], [bool(c.correct) for c in pool.tier2],
-                              overlaps, tier3)
+                              overlaps, tier3, tie_seed)
     if picked is None:
         return Choice(None, None, None, list(overlaps.values()))
     tier, key = picked
     return Choice(tier, pool.candidate(key), overlaps.get(key), [v for k, v in overlaps.items() if k != key])
 
 
-def choose_prefix(pool: Pool, student_topk: Mapping[Key, torch.Tensor], tier3: Tier3Policy) -> Choice:
+def choose_prefix(pool: Pool, student_topk: Mapping[Key, torch.Tensor], tier3: Tier3Policy,
+                  tie_seed: int | None = None) -> Choice:
     """``prefix`` mode: ``student_topk[key]`` is the student's top-K ids [L, K] along candidate ``key`` under its
     own prefix, for the members of `Pool.contested` (none when the deciding group has one member)."""
     overlaps = {}
@@ -318,16 +328,17 @@ def choose_prefix(pool: Pool, student_topk: Mapping[Key, torch.Tensor], tier3: T
         ids = torch.as_tensor(pool.candidate(key).token_ids, dtype=torch.long)
         valid = torch.ones(1, ids.numel(), dtype=torch.bool)
         overlaps[key] = float(overlap_scores(ids.unsqueeze(0), topk[: ids.numel()], valid)[0])
-    return _choice(pool, overlaps, tier3)
+    return _choice(pool, overlaps, tier3, tie_seed)
 
 
-def choose_position(pool: Pool, rollout_topk: Sequence[torch.Tensor], tier3: Tier3Policy) -> list[Choice]:
+def choose_position(pool: Pool, rollout_topk: Sequence[torch.Tensor], tier3: Tier3Policy,
+                    tie_seed: int | None = None) -> list[Choice]:
     """``position`` mode (the reference's): one choice per rollout row of the prompt; ``rollout_topk[r]`` is the
     student's top-K ids [R_r, K] along its rollout r (row t = response index t). Every member of the deciding
     group is scored, also a lone one (the metrics then report its overlap)."""
     _, group = pool.group(tier3)
     if not group or not rollout_topk:
-        return [_choice(pool, {}, tier3) for _ in rollout_topk]
+        return [_choice(pool, {}, tier3, tie_seed) for _ in rollout_topk]
     cands = [pool.candidate(key) for key in group]
     length = max(len(c.token_ids) for c in cands)
     ids = torch.full((len(cands), length), PAD_ID, dtype=torch.long)
@@ -340,4 +351,4 @@ def choose_position(pool: Pool, rollout_topk: Sequence[torch.Tensor], tier3: Tie
         stacked[r, : t.shape[0]] = t
     matrix = position_overlap_matrix(ids, [len(c.token_ids) for c in cands], stacked,
                                      [int(t.shape[0]) for t in rollout_topk])
-    return [_choice(pool, dict(zip(group, matrix[r].tolist())), tier3) for r in range(len(rollout_topk))]
+    return [_choice(pool, dict(zip(group, matrix[r].tolist())), tier3, tie_seed) for r in range(len(rollout_topk))]

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,6 +40,7 @@ from brts.shared.client import (
     TeacherUnavailableError,
 )
 from brts.shared.config import SamplingConfig, TeacherConfig, TrainConfig
+from brts.trainer.teacher_pool import needs_rescue, union_of
 
 __all__ = ["Routed", "StartupError", "StartupReport", "TeacherDown", "TeacherLink", "check_server", "make_client",
            "sampling_of"]
@@ -85,16 +86,21 @@ class Routed:
         """Every part's answers back in the order asked; ``TeacherDown`` naming the first teacher that failed."""
         out: list[Any] = [None] * self.size
         for name, positions, future in self.parts:
-            try:
-                answers = future.result()
-            except (TeacherUnavailableError, grpc.RpcError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                code = exc.code().name if isinstance(exc, grpc.RpcError) else "UNAVAILABLE"
-                raise TeacherDown(name, f"teacher {name} at {self.addresses[name]}: {what}: {code}: {detail}") \
-                    from None
-            for i, answer in zip(positions, answers):
+            for i, answer in zip(positions, _answer(future, name, self.addresses, what)):
                 out[i] = answer
         return out
+
+
+def _answer(future: "Future[Any]", name: str, addresses: Mapping[str, str], what: str) -> Any:
+    """The future's value; a failed RPC becomes ``TeacherDown`` naming teacher ``name`` and its address."""
+    try:
+        return future.result()
+    except TeacherDown:
+        raise
+    except (TeacherUnavailableError, grpc.RpcError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+        code = exc.code().name if isinstance(exc, grpc.RpcError) else "UNAVAILABLE"
+        raise TeacherDown(name, f"teacher {name} at {addresses[name]}: {what}: {code}: {detail}") from None
 
 
 def _split(teachers: Sequence[str]) -> dict[str, list[int]]:
@@ -122,6 +128,8 @@ class TeacherLink:
         self.sampling = {name: sampling_of(config.teacher_sampling(name)) for name in self.entries}
         self.addresses = {name: entry.address for name, entry in self.entries.items()}
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.entries), thread_name_prefix="teacher")
+        # runs the two rounds of a cross-teacher pool (which wait on ``_pool``'s calls, so not on ``_pool`` itself)
+        self._orchestrator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-union")
         self._lock = threading.Lock()
         self._score_s = {name: 0.0 for name in self.entries}
 
@@ -134,15 +142,36 @@ class TeacherLink:
                  for name, positions in _split(teachers).items()]
         return Routed(parts, len(teachers), self.addresses)
 
-    def candidates(self, prompts: Sequence[Prompt], teachers: Sequence[str]) -> Routed:
-        """GetCandidates, each prompt at its teacher (``teachers[i]`` for ``prompts[i]``) with its sampling."""
-        def run(name: str, positions: list[int]) -> list[PromptCandidates]:
-            asked = [prompts[i] for i in positions]
-            got = {r.prompt_id: r for r in self.clients[name].get_candidates(asked, self.sampling[name],
-                                                                             self.config.logprob_k)}
-            return [got[p.prompt_id] for p in asked]
+    def _get(self, name: str, asked: Sequence[Prompt]) -> list[PromptCandidates]:
+        """One teacher's GetCandidates, its answers in the order asked (the stream's order is the server's)."""
+        got = {r.prompt_id: r for r in self.clients[name].get_candidates(asked, self.sampling[name],
+                                                                         self.config.logprob_k)}
+        return [got[p.prompt_id] for p in asked]
 
-        return self._routed(teachers, run)
+    def candidates(self, prompts: Sequence[Prompt], teachers: Sequence[str]) -> Routed:
+        """GetCandidates, each prompt at its teacher (``teachers[i]`` for ``prompts[i]``) with its sampling; with
+        ``candidate_teachers``, each prompt's pool is the union of theirs (``_union``)."""
+        if self.config.candidate_teachers:
+            future = self._orchestrator.submit(self._union, prompts, teachers, self.config.candidate_teachers)
+            return Routed([("", list(range(len(prompts))), future)], len(prompts), self.addresses)
+        return self._routed(teachers, lambda name, positions: self._get(name, [prompts[i] for i in positions]))
+
+    def _union(self, prompts: Sequence[Prompt], routes: Sequence[str], listed: Sequence[str]) -> list[Any]:
+        """Cross-teacher pools, in two rounds (trainer/teacher_pool.py says why): every listed teacher's window
+        without Tier 2, in parallel; then, where the whole union is wrong, the routed teacher's with it."""
+        plain = [replace(p, n_tier2=0) for p in prompts]
+        round1 = {name: self._pool.submit(self._get, name, plain) for name in listed}
+        windows = {name: _answer(f, name, self.addresses, "GetCandidates") for name, f in round1.items()}
+        per_prompt = [{name: windows[name][i] for name in listed} for i in range(len(prompts))]
+        wrong = [i for i, w in enumerate(per_prompt) if needs_rescue(w) and prompts[i].n_tier2 > 0]
+        round2 = {name: (idx, self._pool.submit(self._get, name, [prompts[wrong[j]] for j in idx]))
+                  for name, idx in _split([routes[i] for i in wrong]).items()}
+        rescues: dict[int, PromptCandidates] = {}
+        for name, (idx, future) in round2.items():
+            for j, answer in zip(idx, _answer(future, name, self.addresses, "GetCandidates (Tier 2)")):
+                rescues[wrong[j]] = answer
+        return [union_of(p.prompt_id, per_prompt[i], listed, rescues.get(i), routes[i])
+                for i, p in enumerate(prompts)]
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], ids: Sequence[np.ndarray], k: int,
               teachers: Sequence[str]) -> Routed:
@@ -169,6 +198,7 @@ class TeacherLink:
             client.close()
 
     def close(self) -> None:
+        self._orchestrator.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.close_clients()
 
@@ -221,6 +251,13 @@ def check_server(config: TrainConfig, first_prompts: Mapping[str, Sequence[Promp
             prompts = list(first_prompts.get(name, ()))
             default = student_tok.encode(AGREEMENT_TEXT)
             reports.append(_check_teacher(config, name, client, fingerprints, prompts, default))
+    pooled: dict[str, str] = {}
+    for report in reports:
+        if report.name in config.candidate_teachers:
+            other = pooled.setdefault(report.teacher_fingerprint, report.name)
+            if other != report.name:
+                raise StartupError(f"candidate_teachers: {other} and {report.name} serve the same teacher "
+                                   f"({report.teacher_fingerprint[:12]}): their pools would be identical; list one")
     return reports
 
 

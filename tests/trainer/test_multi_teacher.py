@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -169,3 +170,85 @@ def test_unroutable_prompts_and_a_pinned_fingerprint_that_differs_are_refused_at
     line = one_line(pinned.stderr)
     assert line.startswith("brts train: teacher weak: teacher server ") and "expected not-the-weak-teacher" in line \
         and "teachers.weak.expected_fingerprint" in line
+
+
+# ---------------------------------------------------------------------------------------- the cross-teacher pool
+
+POOL = "candidate_teachers=[default, weak]"
+
+
+def _pool_prompts(config, problems, wrong_truth: bool):
+    """Requests for ``problems`` as the trainer builds them; ``wrong_truth``: a ground truth no candidate can match,
+    so that every teacher's window is all wrong."""
+    from brts.shared.client import Prompt
+
+    ids = prompt_spec_of(config).encode_batch([p.problem for p in problems])
+    return [Prompt(f"{p.id}@pool", tuple(i), "987654321" if wrong_truth else p.answer, config.n_candidates,
+                   config.n_tier2) for p, i in zip(problems, ids)]
+
+
+def test_a_cross_teacher_pool_keeps_each_teachers_top_k_and_draws_tier2_only_when_all_are_wrong(routed,
+                                                                                                 teacher_pair):
+    from brts.shared.data import load_dataset
+    from brts.trainer.routing import teacher_of
+    from brts.trainer.teacher_link import TeacherLink
+
+    config, _ = load_train_config(routed["cfg"], [POOL])
+    problems = load_dataset(config.dataset, config.teacher_route)
+    names = config.teacher_entries()
+    picked = problems_of(problems, names, "weak")[:2] + problems_of(problems, names, "default")[:2]
+    routes = [teacher_of(p.route, names) for p in picked]
+    def attempts() -> dict[str, float]:
+        return {n: t["metrics"]().get("brts_tier2_total{event=attempt}", 0.0) for n, t in teacher_pair.items()}
+
+    link = TeacherLink(config)
+    try:
+        before = attempts()
+        wrong = link.candidates(_pool_prompts(config, picked, True), routes).wait("GetCandidates")
+        drawn = {n: v - before[n] for n, v in attempts().items()}
+        right = link.candidates(_pool_prompts(config, picked, False), routes).wait("GetCandidates")
+        # each candidate's top-K is its own teacher's: Score at the teacher that wrote it gives its numbers back
+        for cand, prompt in ((c, p) for res, p in zip(right, _pool_prompts(config, picked, False))
+                             for c in res.candidates[::2]):
+            seq = [[*prompt.prompt_ids, *cand.token_ids.tolist()]]
+            own, = link.clients[cand.teacher].score(seq, [len(prompt.prompt_ids)], [cand.topk_ids], config.logprob_k)
+            other_name = "weak" if cand.teacher == "default" else "default"
+            other, = link.clients[other_name].score(seq, [len(prompt.prompt_ids)], [cand.topk_ids], config.logprob_k)
+            # the cache stores log-probs in float16: equal to its relative precision
+            np.testing.assert_allclose(own.candidate_logprobs, cand.topk_logprobs, rtol=2e-3, atol=1e-4)
+            assert np.abs(other.candidate_logprobs - cand.topk_logprobs).max() > 1e-2
+    finally:
+        link.close()
+    n = config.n_candidates
+    for res, route in zip(wrong + right, routes + routes):
+        assert [c.teacher for c in res.candidates if c.tier == 1] == ["default"] * n + ["weak"] * n
+        assert {c.teacher for c in res.candidates if c.tier == 2} <= {route}
+    for res in wrong:  # every window wrong: the routed teacher drew Tier 2 in round 2
+        assert res.tier2_drawn > 0 and not any(c.correct for c in res.candidates if c.tier == 1)
+    for res in right:
+        if any(c.correct for c in res.candidates if c.tier == 1):  # a correct one anywhere in the union: no Tier 2
+            assert res.tier2_drawn == 0 and not [c for c in res.candidates if c.tier == 2]
+    # by each server's own counter: it drew the Tier 2 of the all-wrong prompts routed to it (fresh: a ground truth
+    # never asked before), n_tier2 each, and none for the prompts routed to the other teacher
+    for server, teacher in (("strong", "default"), ("weak", "weak")):
+        assert drawn[server] == routes.count(teacher) * config.n_tier2 == 2 * config.n_tier2, (server, drawn)
+
+
+def test_a_run_with_the_cross_teacher_pool_trains_and_resumes_exactly(routed, tmp_path):
+    from brts.trainer.report import write_report
+
+    run = tmp_path / "pool"
+    first = train("--config", str(routed["cfg"]), POOL, f"run_dir={run}", "max_steps=2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    recs = metrics(run)
+    for r in recs:
+        shares = [r["chosen/default/share"], r["chosen/weak/share"]]
+        assert sum(s or 0.0 for s in shares) == pytest.approx(1.0)
+        assert r["tier/skip"] == 0.0 or r["tier/skip"] is None
+    again = train("--resume", str(run / "checkpoints" / "step_000001"), f"run_dir={tmp_path / 'again'}")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = metrics(tmp_path / "again")
+    assert [r["step"] for r in resumed] == [2]
+    for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm", "chosen/weak/share"):
+        assert resumed[0][key] == pytest.approx(recs[1][key], rel=1e-4, abs=1e-6), key
+    assert "teachers.png" in [p.name for p in write_report([run], tmp_path / "report")]
