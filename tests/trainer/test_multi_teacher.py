@@ -237,11 +237,19 @@ def test_a_cross_teacher_pool_keeps_each_teachers_top_k_and_draws_tier2_only_whe
 def test_a_run_with_the_cross_teacher_pool_trains_and_resumes_exactly(routed, tmp_path):
     from brts.trainer.report import write_report
 
+    # each listed teacher prewarmed for the pool: its own prompts (with Tier 2), then its windows of the others'
+    for name, own in (("default", 16), ("weak", 8)):
+        warm = subprocess.run([*BRTS, "prewarm", "--config", str(routed["cfg"]), "--route", name, "--no-progress",
+                               POOL], capture_output=True, text=True, timeout=HANG_S, env=TRAIN_ENV, cwd=REPO)
+        assert warm.returncode == 0, warm.stderr[-3000:]
+        assert f"brts prewarm: prompts {own} (" in warm.stdout, warm.stdout
+        assert f"brts prewarm: the other teachers' prompts, Tier 1 for the pool: prompts {24 - own} (" in warm.stdout
     run = tmp_path / "pool"
     first = train("--config", str(routed["cfg"]), POOL, f"run_dir={run}", "max_steps=2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     recs = metrics(run)
     for r in recs:
+        assert r["cache_hit_rate"] == 1.0  # every pool request (both rounds) was prewarmed with the same keys
         shares = [r["chosen/default/share"], r["chosen/weak/share"]]
         assert sum(s or 0.0 for s in shares) == pytest.approx(1.0)
         assert r["tier/skip"] == 0.0 or r["tier/skip"] is None
