@@ -1,5 +1,5 @@
 """Several teachers for real: two `brts serve` processes of different strength (``teacher_pair``), prompts routed by
-a dataset column, the weak teacher's prompts prewarmed with ``brts prewarm --route``, a 3-step run on 2 gloo ranks,
+a dataset column, the weak teacher's prompts prewarmed with ``brts prewarm --route``, a 2-step run on 2 gloo ranks,
 checked through each server's own counters and cache, then an exact resume and a resume against another set of
 teachers (refused).
 
@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from brts.trainer.config import load_train_config
+from brts.trainer.launch import launch
 from brts.trainer.routing import problems_of
 from brts.trainer.step_prompts import first_steps_requests, prompt_spec_of
 
@@ -77,7 +78,8 @@ def routed(e2e_env, teacher_pair, tmp_path_factory):
                 "weak": {"address": teacher_pair["weak"]["address"],
                          "sampling": {"max_new_tokens": WEAK_MAX_NEW_TOKENS}}}
     cfg = write_config(root / "routed.yaml", student=str(e2e_env["student"]), dataset=str(problems),
-                       run_dir=str(root / "run"), teachers=teachers, teacher_route="data_source", save_every=1)
+                       run_dir=str(root / "run"), teachers=teachers, teacher_route="data_source", save_every=1,
+                       max_steps=2)
     data = yaml.safe_load(cfg.read_text())
     del data["server"]  # the teachers section replaces it
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -109,7 +111,7 @@ def test_each_prompt_goes_to_its_teacher_by_each_servers_own_counters(routed, te
     assert routed["warmed"]["strong"] == routed["before"]["strong"]
 
     recs = metrics(routed["root"] / "run")
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
         assert r["teacher/default/prompts"] + r["teacher/weak/prompts"] == r["prompts"]
         # the weak teacher's prompts were all prewarmed, with its own sampling: every request is a hit
@@ -119,7 +121,7 @@ def test_each_prompt_goes_to_its_teacher_by_each_servers_own_counters(routed, te
     assert "prompts per teacher: default 16, weak 8" in routed["run"].stdout
 
     # each server's own count: the start-up check's requests routed to it, then the run's
-    first = first_steps_requests(config, problems, prompt_spec_of(config), 4)
+    first = first_steps_requests(config, problems, prompt_spec_of(config), 4)  # the launcher's: min(4, max_steps)
     for server, teacher in (("strong", "default"), ("weak", "weak")):
         asked = routed["after"][server] - routed["warmed"][server]
         assert asked == len(first[teacher]) + sum(r[f"teacher/{teacher}/prompts"] for r in recs), server
@@ -131,43 +133,44 @@ def test_each_prompt_goes_to_its_teacher_by_each_servers_own_counters(routed, te
     assert strong_ids and strong_ids <= default_ids and strong_budgets == {config.sampling.max_new_tokens}
 
 
-def test_routed_run_resumes_exactly_and_refuses_another_set_of_teachers(routed, teacher_pair):
+def test_routed_run_resumes_exactly_and_refuses_another_set_of_teachers(routed, teacher_pair, capsys):
     run = routed["root"] / "run"
     resumed_dir = routed["root"] / "resumed"
-    again = train("--resume", str(run / "checkpoints" / "step_000002"), f"run_dir={resumed_dir}")
+    again = train("--resume", str(run / "checkpoints" / "step_000001"), f"run_dir={resumed_dir}")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     a, b = metrics(run), metrics(resumed_dir)
-    assert [x["step"] for x in b] == [3]
+    assert [x["step"] for x in b] == [2]
     for key in ("loss", "loss/student_context", "loss/teacher_context", "grad_norm", "teacher/weak/prompts"):
-        assert b[0][key] == pytest.approx(a[2][key], rel=1e-4, abs=1e-6), key
-        assert key.startswith("teacher/") or a[2][key] != pytest.approx(a[1][key], rel=1e-4, abs=1e-6), key
+        assert b[0][key] == pytest.approx(a[1][key], rel=1e-4, abs=1e-6), key
+        assert key.startswith("teacher/") or a[1][key] != pytest.approx(a[0][key], rel=1e-4, abs=1e-6), key
 
-    # a third name (a replica of the strong teacher: allowed in a fresh run) is not the set the run trained with
+    # a third name (a replica of the strong teacher: allowed in a fresh run) is not the set the run trained with;
+    # refused by the launcher before any rank starts (run in-process: no rank is started to wait for)
     extra = f"teachers.extra.address={teacher_pair['strong']['address']}"
-    refused = train("--resume", str(run), extra, f"run_dir={routed['root'] / 'other'}")
-    assert refused.returncode == 1
-    line = one_line(refused.stderr)
+    capsys.readouterr()
+    assert launch(None, [extra, f"run_dir={routed['root'] / 'other'}"], resume=str(run)) == 1
+    line = one_line(capsys.readouterr().err)
     assert line.startswith("brts train: the checkpoint was trained against teachers default=") and \
         "extra=" in line and "resume against the same teachers" in line
     assert not (routed["root"] / "other").exists()
 
 
-def test_unroutable_prompts_and_a_pinned_fingerprint_that_differs_are_refused_at_start(routed, teacher_pair, tmp_path):
+def test_unroutable_prompts_and_a_pinned_fingerprint_that_differs_are_refused_at_start(routed, tmp_path, capsys):
+    """Both refused by the launcher before any rank starts (in-process: no rank is started to wait for)."""
     cfg = yaml.safe_load(routed["cfg"].read_text())
     cfg["teachers"] = {"weak": cfg["teachers"]["weak"], "strong": cfg["teachers"]["default"]}
     cfg["run_dir"] = str(tmp_path / "run")
     path = tmp_path / "no-default.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    refused = train("--config", str(path))
-    assert refused.returncode == 1
-    assert one_line(refused.stderr) == (
+    capsys.readouterr()
+    assert launch(str(path), []) == 1
+    assert one_line(capsys.readouterr().err) == (
         "brts train: teacher_route column 'data_source': 16 prompts route to no teacher and there is no 'default' "
         "teacher: values '(none)' (8), 'arith' (8); teachers: strong, weak (add a teacher of that name or one named "
         "'default')")
-    pinned = train("--config", str(routed["cfg"]), f"run_dir={tmp_path / 'pinned'}",
-                   "teachers.weak.expected_fingerprint=not-the-weak-teacher")
-    assert pinned.returncode == 1
-    line = one_line(pinned.stderr)
+    assert launch(str(routed["cfg"]), [f"run_dir={tmp_path / 'pinned'}",
+                                       "teachers.weak.expected_fingerprint=not-the-weak-teacher"]) == 1
+    line = one_line(capsys.readouterr().err)
     assert line.startswith("brts train: teacher weak: teacher server ") and "expected not-the-weak-teacher" in line \
         and "teachers.weak.expected_fingerprint" in line
 
