@@ -110,33 +110,35 @@ def test_two_concurrent_runs_share_one_server_and_its_cache(env, tmp_path):
     assert sum(x["cache_hit_rate"] for x in two) > 0  # the second run reads what the first made the server generate
 
 
-def test_startup_problems_end_with_one_line(env, uninterrupted, tmp_path):
+def test_startup_problems_end_with_one_line(env, uninterrupted, tmp_path, capsys):
+    """The command itself once (a subprocess: its stderr is the one line); the other refusals in-process, since the
+    launcher refuses them before starting any rank (the same code path, without an interpreter start each)."""
+    from brts.trainer.launch import launch
+
     down = train("--config", str(_config(env, "down", server=f"127.0.0.1:{free_port()}")))
     assert down.returncode == 1 and "not reachable" in one_line(down.stderr)
+
+    def refused(config: str | None, *overrides: str, resume: str | None = None) -> str:
+        capsys.readouterr()
+        assert launch(config, list(overrides), resume) == 1
+        return one_line(capsys.readouterr().err)
 
     from brts.shared.tokenizer import load_tokenizer
 
     other = copy.deepcopy(load_tokenizer("qwen2.5-instruct"))  # the loaded one is shared: never change it
     other.add_tokens(["<brts-extra-token>"])
     odd = make_student(tmp_path / "odd-student", tokenizer=other)
-    mismatch = train("--config", str(_config(env, "mismatch", student=str(odd))))
-    assert mismatch.returncode == 1 and "tokenizer mismatch" in one_line(mismatch.stderr)
-
-    bad = train("--config", str(_config(env, "bad")), "lr=-1")
-    assert bad.returncode == 1 and "train.lr: must be > 0" in one_line(bad.stderr)
-    unknown = train("--config", str(_config(env, "bad", overlap_mode="diagonal")))
-    assert unknown.returncode == 1 and "overlap_mode" in one_line(unknown.stderr)
+    assert "tokenizer mismatch" in refused(str(_config(env, "mismatch", student=str(odd))))
+    assert "train.lr: must be > 0" in refused(str(_config(env, "bad")), "lr=-1")
+    assert "overlap_mode" in refused(str(_config(env, "bad", overlap_mode="diagonal")))
     assert not (env["root"] / "bad" / "checkpoints").exists()
 
     _, run_a = uninterrupted  # a resume may change max_steps, save_every, server, ... but not the algorithm
     saved = (run_a / "config.yaml").read_text()
-    changed = train("--resume", str(run_a), "max_steps=4", "lr=0.5")
-    assert changed.returncode == 1 and (
-        "different config: lr: 0.0001 in the checkpoint, 0.5 now" in one_line(changed.stderr)
-    )
+    changed = refused(None, "max_steps=4", "lr=0.5", resume=str(run_a))
+    assert "different config: lr: 0.0001 in the checkpoint, 0.5 now" in changed
     assert (run_a / "config.yaml").read_text() == saved  # still the resumable config
-    nothing = train("--resume", str(tmp_path / "no-such-run"))
-    assert nothing.returncode == 1 and "no-such-run" in one_line(nothing.stderr)
+    assert "no-such-run" in refused(None, resume=str(tmp_path / "no-such-run"))
 
 
 def test_server_dying_mid_run_checkpoints_and_exits_3(toy_teacher_dir, env, tmp_path):
