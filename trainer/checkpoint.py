@@ -55,6 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from brts.shared.config import DEFAULT_TEACHER
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -170,7 +172,7 @@ def saved_teachers(train_state: Mapping[str, Any]) -> dict[str, str]:
     """A checkpoint's teacher fingerprints by name; one saved before several teachers has one, named "default"."""
     if "teachers" in train_state:
         return {str(k): str(v) for k, v in train_state["teachers"].items()}
-    return {"default": str(train_state["teacher"])} if train_state.get("teacher") else {}
+    return {DEFAULT_TEACHER: str(train_state["teacher"])} if train_state.get("teacher") else {}
 
 
 def teacher_set_change(saved: Mapping[str, str], now: Mapping[str, str]) -> str | None:

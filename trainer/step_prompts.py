@@ -9,13 +9,13 @@ stays a pure function of the step and no up-front pass over the whole dataset is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 from brts.shared.client import Prompt
 from brts.shared.config import TrainConfig
 from brts.shared.data import Problem
 from brts.shared.prompts import PromptSpec
-from brts.trainer.routing import RoutingError, teacher_of
+from brts.trainer.routing import check_routes, teacher_of
 from brts.trainer.sampler import PromptDraw, PromptSampler, pool_offset
 
 __all__ = ["StepPrompt", "build_step_prompts", "first_steps_requests", "prompt_spec_of", "teacher_requests",
@@ -64,14 +64,8 @@ def teacher_requests(prompts: Sequence[StepPrompt], config: TrainConfig, step: i
 def teachers_of(prompts: Sequence[StepPrompt], config: TrainConfig) -> list[str]:
     """Each prompt's teacher by its route (``trainer/routing.py``); the launcher has checked that all have one."""
     names = config.teacher_entries()
-    out = []
-    for sp in prompts:
-        name = teacher_of(sp.problem.route, names)
-        if name is None:
-            raise RoutingError(f"problem {sp.problem.id}: route {sp.problem.route!r} names no teacher "
-                               f"({', '.join(names)}) and there is no default")
-        out.append(name)
-    return out
+    check_routes([sp.problem for sp in prompts], names, config.teacher_route)
+    return [cast(str, teacher_of(sp.problem.route, names)) for sp in prompts]  # every route has one, checked
 
 
 def first_steps_requests(

@@ -39,7 +39,7 @@ from brts.shared.client import (
     TeacherMismatchError,
     TeacherUnavailableError,
 )
-from brts.shared.config import SamplingConfig, TeacherConfig, TrainConfig
+from brts.shared.config import DEFAULT_TEACHER, SamplingConfig, TeacherConfig, TrainConfig
 from brts.trainer.teacher_pool import needs_rescue, union_of
 
 __all__ = ["Routed", "StartupError", "StartupReport", "TeacherDown", "TeacherLink", "check_server", "make_client",
@@ -211,7 +211,7 @@ class StartupReport:
     asked: int
     complete: int
     agreement: AgreementReport | None = None
-    name: str = "default"
+    name: str = DEFAULT_TEACHER
 
     def line(self) -> str:
         rate = self.complete / self.asked if self.asked else 0.0
