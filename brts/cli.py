@@ -57,8 +57,9 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False), default="brts-demo", show_default=True,
-              help="Folder for everything the demo writes (models, cache, runs, report); reused when run again.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for everything the demo writes (models, cache, runs, report); reused when run again. "
+                   "[default: brts-demo, or brts-demo-teachers2 with --teachers 2]")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Training seeds per method.")
 @click.option("--retrain", is_flag=True, help="Train the runs again (the fits, the cache and the evaluations stay).")
 @click.option("--tails", is_flag=True,
@@ -66,19 +67,25 @@ def report(run_dirs: tuple[str, ...], out: str | None) -> None:
                    "use another --out (copying models/, cache/ and eval-before/ over reuses them).")
 @click.option("--task", default="default", show_default=True,
               help="A named toy task of brts/demo_tasks.py (an unknown name lists them); each wants its own --out.")
-def demo(out: str, seeds: int, retrain: bool, tails: bool, task: str) -> None:
+@click.option("--teachers", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="2: add a second toy teacher (another strength and answer style) and a third method, BRTS choosing "
+                   "among both teachers' candidates (candidate_teachers); the table shows each teacher's share.")
+def demo(out: str | None, seeds: int, retrain: bool, tails: bool, task: str, teachers: int) -> None:
     """BRTS vs OPD end to end on a CPU in minutes: serve, prewarm, train, eval, report.
 
     Fits a toy teacher and a weaker toy student, serves the teacher on loopback with an LMDB cache, prewarms it,
     trains BRTS and the student-only OPD baseline with the same budget over SEEDS seeds, evaluates before and
     after on the training problems and on held-out ones, writes plots and prints the table. Interrupted, it resumes
-    where it stopped when run again.
+    where it stopped when run again. --teachers 2 adds a second toy teacher and BRTS over both teachers' candidates.
     """
+    from dataclasses import replace
+
     from brts.demo import DemoError, run_demo
     from brts.demo_tasks import task_settings
 
+    out = out or ("brts-demo" if teachers == 1 else f"brts-demo-teachers{teachers}")
     try:
-        settings = task_settings(task, tails=tails)
+        settings = replace(task_settings(task, tails=tails), teachers=teachers)
     except ValueError as exc:
         click.echo(f"brts demo: {exc}", err=True)
         sys.exit(2)

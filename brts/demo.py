@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -35,10 +35,12 @@ from typing import Any, Callable
 import yaml
 
 from brts.demo_runs import (
-    METHODS,
+    POOL_METHOD,
+    SECOND,
     DemoError,
     Server,
     eval_before,
+    methods,
     prewarm_demo,
     prompt_config,
     records,
@@ -48,6 +50,7 @@ from brts.demo_runs import (
 __all__ = ["DemoError", "DemoPaths", "DemoSettings", "run_demo"]
 
 TRAIN_SET, HELD_OUT_SET = "problems", "held_out"  # the evaluation sets' names (their files' stems)
+SECOND_QUALITY = "second-teacher"  # brts.toy.QUALITIES: the second teacher of ``--teachers 2``
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class DemoSettings:
     eval_n: int = 4
     eval_temperature: float = 0.7
     tails: bool = False  # both branches' losses with a tail bucket (sc_tail, tc_tail; trainer/losses.py)
+    # 2: a second toy teacher of another strength and style (brts.toy.QUALITIES["second-teacher"], with
+    # ``second_fit`` overriding it) and a third method, BRTS with the cross-teacher pool (issue #27)
+    teachers: int = 1
+    second_fit: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("problems", "steps", "prompts_per_step", "n_candidates", "eval_n", "max_operand"):
@@ -84,6 +91,8 @@ class DemoSettings:
                 raise DemoError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.held_out < 0:
             raise DemoError(f"held_out: must be >= 0, got {self.held_out}")
+        if self.teachers not in (1, 2):
+            raise DemoError(f"teachers: must be 1 or 2, got {self.teachers}")
         from brts.toy_task import task_size
 
         space = task_size(self.max_operand)
@@ -92,7 +101,10 @@ class DemoSettings:
                             f"with {space} (max_operand {self.max_operand}); ask for fewer")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if self.teachers == 1:  # so one-teacher demos made before --teachers existed keep their folder key
+            del fields["teachers"], fields["second_fit"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def metric(self) -> str:
@@ -106,7 +118,8 @@ class DemoSettings:
                                                                 [TRAIN_SET])]
 
     def fit_overrides(self, quality: str) -> dict[str, Any]:
-        return {"max_operand": self.max_operand, **(self.teacher_fit if quality == "teacher" else self.student_fit)}
+        own = {"teacher": self.teacher_fit, "student": self.student_fit, SECOND_QUALITY: self.second_fit}[quality]
+        return {"max_operand": self.max_operand, **own}
 
 
 class DemoPaths:
@@ -115,6 +128,7 @@ class DemoPaths:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.teacher, self.student = out / "models" / "teacher", out / "models" / "student"
+        self.second_teacher, self.second_cache = out / "models" / SECOND_QUALITY, out / f"cache-{SECOND_QUALITY}"
         self.problems = out / "data" / f"{TRAIN_SET}.jsonl"
         self.held_out = out / "data" / f"{HELD_OUT_SET}.jsonl"
         self.cache, self.configs, self.runs = out / "cache", out / "configs", out / "runs"
@@ -190,10 +204,12 @@ def _write_train_configs(paths: DemoPaths, s: DemoSettings) -> dict[str, Path]:
     }
     paths.configs.mkdir(parents=True, exist_ok=True)
     files = {}
-    for method, extra in METHODS.items():
+    for method, extra in methods(s).items():
+        config = _merge(_merge(base, demo), extra)
+        if "teachers" in extra:
+            del config["server"]  # `server` is the one-teacher shorthand; both are refused
         files[method] = paths.configs / f"{method}.yaml"
-        files[method].write_text(f"# brts demo: {method}\n" + yaml.safe_dump(_merge(_merge(base, demo), extra),
-                                                                             sort_keys=False))
+        files[method].write_text(f"# brts demo: {method}\n" + yaml.safe_dump(config, sort_keys=False))
     return files
 
 
@@ -226,76 +242,98 @@ def run_demo(out: str | os.PathLike[str], seeds: int = 3, retrain: bool = False,
     seed_list = list(range(seeds))
     if retrain:
         for seed in seed_list:
-            for method in METHODS:
+            for method in methods(s):
                 shutil.rmtree(paths.run_dir(method, seed), ignore_errors=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = t0 = time.monotonic()
-    say(f"brts demo: [1/5] fitting the toy teacher and the weaker toy student (cached in {paths.out / 'models'})")
+    say(f"brts demo: [1/5] fitting the toy teacher{'s' if s.teachers == 2 else ''} and the weaker toy student "
+        f"(cached in {paths.out / 'models'})")
     _write_problems(paths, s)
     configs = _write_train_configs(paths, s)
-    server = Server(paths, s)
-    address, prewarm, before = _fit_serve_and_eval_before(paths, s, seed_list, server, timings, t0, say)
+    servers = {"default": Server(paths.teacher, paths.cache, paths.logs / "serve.log", s)}
+    if s.teachers == 2:
+        servers[SECOND] = Server(paths.second_teacher, paths.second_cache, paths.logs / f"serve-{SECOND}.log", s)
+    addresses, prewarms, before = _fit_serve_and_eval_before(paths, s, seed_list, servers, timings, t0, say)
     try:
-        run_dirs = _train_all(paths, s, configs, seed_list, address, timings, say)
+        run_dirs = _train_all(paths, s, configs, seed_list, addresses, timings, say)
     finally:
+        _stop(servers)
+    return _write_outputs(paths, s, seeds, run_dirs, before, prewarms, timings, t_all, say)
+
+
+def _stop(servers: dict[str, Server]) -> None:
+    for server in servers.values():
         server.stop()
-    return _write_outputs(paths, s, seeds, run_dirs, before, prewarm, timings, t_all, say)
 
 
-def _fit_serve_and_eval_before(paths: DemoPaths, s: DemoSettings, seed_list: list[int], server: Server,
-                               timings: dict[str, float], t0: float,
-                               say: Callable[[str], None]) -> tuple[str, dict[str, Any], dict[str, list[float]]]:
-    """Steps 1-3: both fits side by side, then the server and its prewarm while the untrained student is evaluated.
+def _fit_serve_and_eval_before(paths: DemoPaths, s: DemoSettings, seed_list: list[int], servers: dict[str, Server],
+                               timings: dict[str, float], t0: float, say: Callable[[str], None],
+                               ) -> tuple[dict[str, str], dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """Steps 1-3: the fits side by side, then the servers and their prewarm while the untrained student is evaluated.
 
-    Returns (server address, prewarm counts, untrained accuracy per set and seed); the server is left running for
-    training, and stopped here only if these steps fail.
+    Returns (server address and prewarm counts per teacher name, untrained accuracy per set and seed); the servers
+    are left running for training, and stopped here only if these steps fail.
     """
     # The untrained student is evaluated as soon as its fit exists, while the teacher fits and then prewarms: the
     # hf engine's small-batch generation leaves most of a core idle, so the overlap is nearly free.
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool, \
             ThreadPoolExecutor(max_workers=1) as background:
-        teacher = pool.submit(_fit, str(paths.teacher), "teacher", s.fit_overrides("teacher"))
+        fits = [pool.submit(_fit, str(paths.teacher), "teacher", s.fit_overrides("teacher"))]
         student = pool.submit(_fit, str(paths.student), "student", s.fit_overrides("student"))
+        if s.teachers == 2:
+            fits.append(pool.submit(_fit, str(paths.second_teacher), SECOND_QUALITY, s.fit_overrides(SECOND_QUALITY)))
         student.result()
         say(f"brts demo: [2/5] evaluating the untrained student in the background (mean@{s.eval_n}, "
             f"T={s.eval_temperature}, seeds {seed_list}, sets {', '.join(paths.eval_names(s))}; results in "
             f"{paths.eval_before})")
         before_future = background.submit(_timed, eval_before, paths, s, seed_list)
-        teacher.result()
+        for fit in fits:
+            fit.result()
         timings["fits (side by side)"] = time.monotonic() - t0
         try:
             t0 = time.monotonic()
-            say(f"brts demo: [3/5] starting the teacher server (hf engine, cache {paths.cache}, log {server.log}) "
-                f"and prewarming it over the {s.problems} training problems")
-            address = server.start()
-            prewarm = prewarm_demo(address, paths, s)
-            timings["server start + prewarm"] = time.monotonic() - t0
-            say(f"brts demo:   {address}: {prewarm['cache_hits']}/{prewarm['prompts']} prompts already cached, "
-                f"{prewarm['candidates']} candidates, Tier 2 tried on {prewarm['tier2_tried']} "
-                f"(rescued {prewarm['tier2_rescued']}), {prewarm['tokens_generated']} tokens generated")
+            addresses, prewarms = _serve_and_prewarm(paths, s, servers, say)
+            timings["servers start + prewarm" if s.teachers == 2 else "server start + prewarm"] = time.monotonic() - t0
             before, timings["eval before"] = before_future.result()
             for name, values in before.items():
                 say(f"brts demo:   untrained student, {name}: "
                     + ", ".join(f"seed {q} {v:.3f}" for q, v in zip(seed_list, values)))
         except BaseException:
-            server.stop()
+            _stop(servers)
             raise
-    return address, prewarm, before
+    return addresses, prewarms, before
 
 
-def _train_all(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], seed_list: list[int], address: str,
-               timings: dict[str, float], say: Callable[[str], None]) -> list[Path]:
-    """Step 4: every seed's BRTS and OPD runs against the running server; returns every run's folder."""
+def _serve_and_prewarm(paths: DemoPaths, s: DemoSettings, servers: dict[str, Server],
+                       say: Callable[[str], None]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Start each teacher's server and prewarm it with what training will ask of it: the routed teacher
+    (``default``) its windows with Tier 2, the pool's second teacher its Tier-1 windows only."""
+    addresses, prewarms = {}, {}
+    for name, server in servers.items():
+        which = "teacher" if name == "default" else f"second teacher ({SECOND_QUALITY}, Tier-1 windows only)"
+        say(f"brts demo: [3/5] starting the {which} server (hf engine, cache {server.cache}, log {server.log}) "
+            f"and prewarming it over the {s.problems} training problems")
+        addresses[name] = server.start()
+        p = prewarms[name] = prewarm_demo(addresses[name], paths, s, tier2=name == "default")
+        say(f"brts demo:   {addresses[name]}: {p['cache_hits']}/{p['prompts']} prompts already cached, "
+            f"{p['candidates']} candidates, Tier 2 tried on {p['tier2_tried']} (rescued {p['tier2_rescued']}), "
+            f"{p['tokens_generated']} tokens generated")
+    return addresses, prewarms
+
+
+def _train_all(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], seed_list: list[int],
+               addresses: dict[str, str], timings: dict[str, float], say: Callable[[str], None]) -> list[Path]:
+    """Step 4: every seed's runs of every method against the running servers; returns every run's folder."""
     from tqdm import tqdm
 
     t0 = time.monotonic()
-    say(f"brts demo: [4/5] training BRTS and OPD, {s.steps} steps x {s.prompts_per_step} prompts each, "
+    say(f"brts demo: [4/5] training {', '.join(methods(s))}, {s.steps} steps x {s.prompts_per_step} prompts each, "
         f"seeds {seed_list} (logs in {paths.logs})")
-    run_dirs = [paths.run_dir(m, q) for m in METHODS for q in seed_list]
+    run_dirs = [paths.run_dir(m, q) for m in methods(s) for q in seed_list]
     with tqdm(total=s.steps * len(run_dirs), unit="step", desc="train", mininterval=1.0) as bar:
         for seed in seed_list:
-            train_pair(paths, s, configs, seed, address, bar, run_dirs)
+            train_pair(paths, s, configs, seed, addresses, bar, run_dirs)
         bar.update(bar.total - bar.n)
     timings["training + final evals"] = time.monotonic() - t0
     return run_dirs
@@ -305,14 +343,29 @@ def _caption(s: DemoSettings, seeds: int) -> str:
     rows = (f"the {s.problems} training problems (the runs' prompts: memorising per-problem facts moves this row)"
             + (f" and {s.held_out} held-out problems (same generator, never trained on: only what generalises moves "
                "this row)" if s.held_out else ""))
-    return (f"Accuracy: mean@{s.eval_n} at T={s.eval_temperature} on {rows}, {seeds} seed(s); same budget for both "
-            f"methods: {s.steps} steps x {s.prompts_per_step} prompts, 1 rollout each; BRTS picks 1 of "
-            f"{s.n_candidates} teacher candidates, Tier 2 on.")
+    caption = (f"Accuracy: mean@{s.eval_n} at T={s.eval_temperature} on {rows}, {seeds} seed(s); same budget for "
+               f"every method: {s.steps} steps x {s.prompts_per_step} prompts, 1 rollout each; BRTS picks 1 of "
+               f"{s.n_candidates} teacher candidates, Tier 2 on.")
+    if s.teachers == 2:
+        caption += (f" The pool (`candidate_teachers: [default, {SECOND}]`) picks 1 of 2 x {s.n_candidates}: "
+                    f"`default` is {_describe(s, 'teacher')}, `{SECOND}` {_describe(s, SECOND_QUALITY)}; Tier 2 "
+                    "is drawn from `default` (every prompt's routed teacher) only when all 8 are wrong.")
+    return caption
+
+
+def _describe(s: DemoSettings, quality: str) -> str:
+    """A fit in words: its answer style(s) and the exact-match rate its fit stopped at."""
+    from brts.toy import QUALITIES, STYLES
+
+    fit = replace(QUALITIES[quality], **s.fit_overrides(quality))
+    forms = " / ".join(f"'{STYLES[x].format(a=3, op='+', b=4, c=7)}'" for x in fit.styles)
+    who = "teacher" if quality == "teacher" else "second teacher"
+    return f"the toy {who} ({forms}, fitted to {fit.target_accuracy:.0%} exact match)"
 
 
 def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list[Path],
-                   before: dict[str, list[float]], prewarm: dict[str, Any], timings: dict[str, float], t_all: float,
-                   say: Callable[[str], None]) -> dict[str, Any]:
+                   before: dict[str, list[float]], prewarms: dict[str, dict[str, Any]], timings: dict[str, float],
+                   t_all: float, say: Callable[[str], None]) -> dict[str, Any]:
     """Step 5: the report's plots, then the summary table (summary.md, summary.json and the console)."""
     from brts.demo_summary import format_summary, summarize
     from brts.trainer.report import write_report
@@ -323,11 +376,12 @@ def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list
     # the untrained student's evaluation (same problems, same seeds) is every run's step 0 in eval.png
     write_report(run_dirs, paths.report, start_points={
         paths.run_dir(m, q).name: {f"eval/{name}/mean@{s.eval_n}": values[q] for name, values in before.items()}
-        for m in METHODS for q in seed_list})
+        for m in methods(s) for q in seed_list})
     timings["report"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - t_all
-    summary = summarize(before, [records(paths.run_dir("brts", q)) for q in seed_list],
-                        [records(paths.run_dir("opd", q)) for q in seed_list], s.eval_n, prewarm, timings)
+    runs = {m: [records(paths.run_dir(m, q)) for q in seed_list] for m in methods(s)}
+    summary = summarize(before, runs["brts"], runs["opd"], s.eval_n, prewarms["default"], timings,
+                        pool_runs=runs.get(POOL_METHOD, ()), second_prewarm=prewarms.get(SECOND))
     table = format_summary(summary)
     caption = _caption(s, seeds)
     (paths.out / "summary.md").write_text(f"# brts demo\n\n{caption}\n\n{table}\n")
@@ -337,5 +391,7 @@ def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list
     say(caption)
     say(table)
     say(f"\nbrts demo: outputs in {paths.out}: summary.md, report/ (plots), runs/ (metrics, checkpoints), "
-        f"eval-before/, logs/; the teacher's cache in cache/ (run again: everything is reused; --retrain trains again)")
+        f"eval-before/, logs/; the teacher's cache in cache/"
+        + (f" (the second teacher's in {paths.second_cache.name}/)" if s.teachers == 2 else "")
+        + " (run again: everything is reused; --retrain trains again)")
     return summary.as_dict()

@@ -23,10 +23,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from brts.demo import DemoPaths, DemoSettings
 
-__all__ = ["METHODS", "DemoError", "Server", "eval_before", "last_line", "prewarm_demo", "prompt_config", "records",
-           "train_command", "train_pair"]
+__all__ = ["METHODS", "POOL", "POOL_METHOD", "SECOND", "DemoError", "Server", "eval_before", "last_line", "methods",
+           "prewarm_demo", "prompt_config", "records", "train_command", "train_pair"]
 
+#: The second toy teacher's name in the pooled run's ``teachers:`` (the first is the routed ``default``).
+SECOND = "second"
+#: Each method's settings over the demo's base config (one teacher: the ``server`` shorthand, i.e. ``default``).
 METHODS: dict[str, dict[str, Any]] = {"brts": {}, "opd": {"teacher_branch": False}}
+#: ``brts demo --teachers 2``: BRTS with the cross-teacher pool (issue #27). The addresses are placeholders: every
+#: ``brts train`` the demo starts names the running servers' ports on its command line (``train_command``).
+POOL_METHOD = "brts-pool"
+POOL: dict[str, dict[str, Any]] = {POOL_METHOD: {
+    "teachers": {"default": {"address": "127.0.0.1:50051"}, SECOND: {"address": "127.0.0.1:50052"}},
+    "candidate_teachers": ["default", SECOND]}}
+
+
+def methods(s: DemoSettings) -> dict[str, dict[str, Any]]:
+    """The methods this demo trains, in the table's order (the pool only with two teachers)."""
+    return {**METHODS, **(POOL if s.teachers == 2 else {})}
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -43,12 +57,12 @@ def prompt_config() -> dict[str, Any]:
 
 
 class Server:
-    """``brts serve`` on loopback with a free port, its output in a log; stopped with SIGTERM."""
+    """``brts serve`` of one toy teacher on loopback with a free port, its output in a log; stopped with SIGTERM."""
 
-    def __init__(self, paths: DemoPaths, s: DemoSettings) -> None:
-        self.log = paths.logs / "serve.log"
-        self._cmd = [sys.executable, "-m", "brts.cli", "serve", "--model", str(paths.teacher), "--cache",
-                     str(paths.cache), "--port", "0", f"sampling.max_new_tokens={s.max_new_tokens}"]
+    def __init__(self, model: Path, cache: Path, log: Path, s: DemoSettings) -> None:
+        self.log, self.cache = log, cache
+        self._cmd = [sys.executable, "-m", "brts.cli", "serve", "--model", str(model), "--cache", str(cache),
+                     "--port", "0", f"sampling.max_new_tokens={s.max_new_tokens}"]
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
@@ -79,14 +93,17 @@ class Server:
                 self.proc.wait()
 
 
-def prewarm_demo(address: str, paths: DemoPaths, s: DemoSettings) -> dict[str, Any]:
-    """Prewarm the server over the training problems (the held-out ones are never asked of the teacher)."""
+def prewarm_demo(address: str, paths: DemoPaths, s: DemoSettings, tier2: bool = True) -> dict[str, Any]:
+    """Prewarm a server over the training problems (the held-out ones are never asked of a teacher). ``tier2``
+    False is the pool's second teacher: the pool asks it for its Tier-1 window only (Tier 2 is drawn from the
+    prompt's routed teacher, ``default``), so that is what fills its cache."""
     from brts.server.prewarm import prewarm
     from brts.shared.client import TeacherClient
     from brts.shared.config import PrewarmConfig, from_dict
 
     cfg = from_dict(PrewarmConfig, {"server": address, "dataset": str(paths.problems), "n_tier1": s.n_candidates,
-                                    "n_tier2": s.n_tier2, "logprob_k": s.logprob_k, "prompt": prompt_config()})
+                                    "n_tier2": s.n_tier2 if tier2 else 0, "logprob_k": s.logprob_k,
+                                    "prompt": prompt_config()})
     with TeacherClient(address) as client:
         summary = prewarm(cfg, client, progress=True)
     return asdict(summary)
@@ -143,10 +160,19 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
+def _reach(method: str, addresses: dict[str, str]) -> list[str]:
+    """The overrides that point a run at this demo's servers (their ports are new each time the demo starts)."""
+    teachers = POOL.get(method, {}).get("teachers")
+    if teachers:
+        return [f"teachers.{name}.address={addresses[name]}" for name in teachers]
+    return [f"server={addresses['default']}"]
+
+
 def train_command(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], method: str, seed: int,
-                  address: str) -> list[str] | None:
+                  addresses: dict[str, str]) -> list[str] | None:
     """The `brts train` command that finishes this run: None when it is done, a resume when it has a checkpoint
-    short of the end, else a fresh start (a folder without checkpoints holds nothing worth keeping)."""
+    short of the end, else a fresh start (a folder without checkpoints holds nothing worth keeping).
+    ``addresses``: the running servers by teacher name (``default``, and ``second`` with two teachers)."""
     run_dir = paths.run_dir(method, seed)
     lines = records(run_dir)
     if any(r.get("step") == s.steps and all(m in r for m in s.metrics) for r in lines):
@@ -154,18 +180,19 @@ def train_command(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], m
     train = [sys.executable, "-m", "brts.cli", "train"]
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")) and \
             (not lines or lines[-1].get("step", 0) < s.steps):
-        return [*train, "--resume", str(run_dir), f"server={address}"]
+        return [*train, "--resume", str(run_dir), *_reach(method, addresses)]
     shutil.rmtree(run_dir, ignore_errors=True)
-    return [*train, "--config", str(configs[method]), f"seed={seed}", f"run_dir={run_dir}", f"server={address}"]
+    return [*train, "--config", str(configs[method]), f"seed={seed}", f"run_dir={run_dir}",
+            *_reach(method, addresses)]
 
 
-def train_pair(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], seed: int, address: str,
+def train_pair(paths: DemoPaths, s: DemoSettings, configs: dict[str, Path], seed: int, addresses: dict[str, str],
                bar: Any, all_runs: list[Path]) -> None:
-    """The BRTS and OPD runs of one seed, side by side (one thread each); the bar counts finished steps."""
+    """Every method's run of one seed, side by side (one thread each); the bar counts finished steps."""
     procs: list[tuple[str, subprocess.Popen, Path]] = []
     try:
-        for method in METHODS:
-            cmd = train_command(paths, s, configs, method, seed, address)
+        for method in methods(s):
+            cmd = train_command(paths, s, configs, method, seed, addresses)
             if cmd is None:
                 continue
             log = paths.logs / f"train-{method}-seed{seed}.log"

@@ -3,17 +3,18 @@
 Why a separate module: the numbers the demo prints are the claim it makes ("BRTS beat OPD by this much, over these
 seeds"), so they are computed by small functions that a test can feed by hand: accuracy per evaluation set (the
 training problems, the held-out ones) and seed, before training and after each method, the Tier composition the BRTS
-runs actually trained on, the chosen candidates' overlap gap, and the teacher-cache hit rates.
+runs actually trained on, the chosen candidates' overlap gap, and the teacher-cache hit rates; with two teachers
+(``brts demo --teachers 2``) a fourth row, the pooled BRTS runs, and which teacher their rule chose how often.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ROW_LABELS", "SET_LABELS", "Accuracy", "DemoSummary", "accuracy", "final_eval", "format_summary",
-           "overlap_gap", "summarize", "tier_composition"]
+__all__ = ["POOL_LABEL", "ROW_LABELS", "SET_LABELS", "Accuracy", "DemoSummary", "PoolSummary", "accuracy", "final_eval",
+           "format_summary", "overlap_gap", "summarize", "teacher_shares", "tier_composition"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class Accuracy:
 
 SET_LABELS = {"problems": "training problems", "held_out": "held-out problems"}
 ROW_LABELS = ("before (untrained student)", "after OPD (student-only)", "after BRTS")
+POOL_LABEL = "after BRTS, 2-teacher pool"
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    """What the pooled BRTS runs trained on: Tier composition, Tier-2 counts, training hit rate, and per teacher
+    (``teacher_shares``) how often the rule chose a candidate it wrote; the second teacher's prewarm counts."""
+
+    tiers: dict[str, float]
+    tier2: dict[str, int]
+    train_hit_rate: float
+    shares: dict[str, dict[str, float]]
+    second_prewarm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class DemoSummary:
     overlap: dict[str, float] = field(default_factory=dict)
     prewarm: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    pool: PoolSummary | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +75,7 @@ class DemoSummary:
                                 for r in rows} for name, rows in self.sets.items()},
             "tiers": self.tiers, "tier2": self.tier2, "train_cache_hit_rate": self.train_hit_rate,
             "overlap": self.overlap, "prewarm": self.prewarm, "timings_s": self.timings,
+            **({"pool": asdict(self.pool)} if self.pool else {}),
         }
 
 
@@ -113,21 +129,64 @@ def overlap_gap(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, float]
     return {"chosen": chosen, "others": others, "gap": chosen - others, "steps": float(len(pairs))}
 
 
+def teacher_shares(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per teacher of a cross-teacher pool: the share of all chosen candidates it wrote (``all``), of each tier's
+    (``tier1``..``tier3``; NaN where no prompt reached that tier), how many prompts that is (``chosen``), and its
+    chosen candidates' mean overlap with the live student (``overlap``; NaN if never chosen where overlap counts).
+
+    A metrics line gives per-step ratios (``chosen/NAME/tier/T``: its share of tier T's choices, ``tier/T``: tier
+    T's share of the step's prompts), so the counts are rebuilt as prompts x tier share x teacher share and summed
+    over steps and runs: every step then weighs by its prompts, not equally."""
+    counts: dict[str, dict[str, float]] = {}
+    overlaps: dict[str, list[float]] = {}
+    for records in runs:
+        for r in records:
+            prompts = float(r.get("prompts", 1))
+            for key, value in r.items():
+                parts = key.split("/")
+                if value is None:
+                    continue
+                if parts[0] == "chosen" and len(parts) == 4 and parts[2] == "tier":
+                    tier_share = float(r.get(f"tier/{parts[3]}") or 0.0)
+                    counts.setdefault(parts[1], {"1": 0.0, "2": 0.0, "3": 0.0})[parts[3]] += (
+                        prompts * tier_share * float(value))
+                elif parts[:2] == ["overlap", "chosen"] and len(parts) == 3:
+                    overlaps.setdefault(parts[2], []).append(float(value))
+    per_tier = {t: sum(c[t] for c in counts.values()) for t in ("1", "2", "3")}
+    total = sum(per_tier.values())
+    out = {}
+    for name, c in sorted(counts.items()):
+        mine = overlaps.get(name, [])
+        out[name] = {"chosen": sum(c.values()), "all": sum(c.values()) / total if total else math.nan,
+                     **{f"tier{t}": c[t] / per_tier[t] if per_tier[t] else math.nan for t in per_tier},
+                     "overlap": sum(mine) / len(mine) if mine else math.nan}
+    return out
+
+
 def summarize(before: Mapping[str, Sequence[float]], brts_runs: Sequence[Sequence[Mapping[str, Any]]],
               opd_runs: Sequence[Sequence[Mapping[str, Any]]], eval_n: int, prewarm: Mapping[str, Any] | None = None,
-              timings: Mapping[str, float] | None = None) -> DemoSummary:
+              timings: Mapping[str, float] | None = None, pool_runs: Sequence[Sequence[Mapping[str, Any]]] = (),
+              second_prewarm: Mapping[str, Any] | None = None) -> DemoSummary:
     """The table's content: per evaluation set (``before`` names them: ``{set: [value per seed]}``), the before /
-    after OPD / after BRTS accuracies, one value per seed each; the BRTS runs' Tier composition, overlap gap and
-    training-time cache hit rate (OPD has no teacher branch, so no candidates)."""
+    after OPD / after BRTS (/ after the pooled BRTS, when ``pool_runs`` are given) accuracies, one value per seed
+    each; the BRTS runs' Tier composition, overlap gap and training-time cache hit rate (OPD has no teacher branch,
+    so no candidates); the pooled runs' own composition and teachers' shares."""
     tiers, tier2 = tier_composition(brts_runs)
     sets = {}
     for name, values in before.items():
         metric = f"eval/{name}/mean@{eval_n}"
-        sets[name] = (accuracy(ROW_LABELS[0], values),
-                      accuracy(ROW_LABELS[1], [final_eval(r, metric) for r in opd_runs]),
-                      accuracy(ROW_LABELS[2], [final_eval(r, metric) for r in brts_runs]))
+        rows = [accuracy(ROW_LABELS[0], values), accuracy(ROW_LABELS[1], [final_eval(r, metric) for r in opd_runs]),
+                accuracy(ROW_LABELS[2], [final_eval(r, metric) for r in brts_runs])]
+        if pool_runs:
+            rows.append(accuracy(POOL_LABEL, [final_eval(r, metric) for r in pool_runs]))
+        sets[name] = tuple(rows)
+    pool = None
+    if pool_runs:
+        pool_tiers, pool_tier2 = tier_composition(pool_runs)
+        pool = PoolSummary(pool_tiers, pool_tier2, mean_hit_rate(pool_runs), teacher_shares(pool_runs),
+                           dict(second_prewarm or {}))
     return DemoSummary(eval_n, sets, tiers, tier2, mean_hit_rate(brts_runs), overlap_gap(brts_runs),
-                       dict(prewarm or {}), dict(timings or {}))
+                       dict(prewarm or {}), dict(timings or {}), pool)
 
 
 def _signed(x: float) -> str:
@@ -145,41 +204,67 @@ def _table(s: DemoSummary) -> list[str]:
     for name in s.sets:
         head += [f"{SET_LABELS.get(name, name)}: mean@{s.eval_n} (mean ± sd)", "per seed"]
     cells = []
-    for i, label in enumerate(ROW_LABELS):
+    for i, label in enumerate(r.label for r in next(iter(s.sets.values()))):
         row = [label]
         for rows in s.sets.values():
             r = rows[i]
             row += [f"{r.mean:.3f} ± {r.spread:.3f}", " ".join(f"{v:.3f}" for v in r.per_seed)]
         cells.append(row)
+    return _markdown(head, cells)
+
+
+def _markdown(head: list[str], cells: list[list[str]]) -> list[str]:
+    """A Markdown table with padded columns (it reads the same in a terminal and in ``summary.md``)."""
     w = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
     lines = ["| " + " | ".join(f"{h:<{x}}" for h, x in zip(head, w)) + " |", "|" + "|".join("-" * (x + 2) for x in w)
              + "|"]
     return lines + ["| " + " | ".join(f"{c:<{x}}" for c, x in zip(row, w)) + " |" for row in cells]
 
 
+def _tier_line(whose: str, t: Mapping[str, float], tier2: Mapping[str, int]) -> str:
+    return (f"Tier composition of {whose} prompts: Tier 1 {_pct(t['1'])}, Tier 2 {_pct(t['2'])}, "
+            f"Tier 3 {_pct(t['3'])}, skipped {_pct(t['skip'])}; Tier 2 drawn {tier2['drawn']}, "
+            f"rescued {tier2['rescued']}, leaking hints dropped {tier2['leaked']}")
+
+
+def _prewarm_line(whose: str, p: Mapping[str, Any]) -> str:
+    return (f"{whose}: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already cached, generated "
+            f"{p.get('tokens_generated', 0)} tokens in {p.get('seconds', 0.0):.1f} s")
+
+
+def _pool_lines(pool: PoolSummary) -> list[str]:
+    """The teachers' shares: per teacher, the share of the pooled runs' choices (all, per tier) it wrote."""
+    head = ["teacher", "chosen (all tiers)", "Tier 1", "Tier 2", "Tier 3", "overlap of its chosen"]
+    cells = [[name, f"{_pct(x['all'])} ({x['chosen']:.0f} prompts)", _pct(x["tier1"]), _pct(x["tier2"]),
+              _pct(x["tier3"]), "n/a" if math.isnan(x["overlap"]) else f"{x['overlap']:.3f}"]
+             for name, x in pool.shares.items()]
+    lines = ["", "Which teacher wrote the candidate the pooled BRTS runs chose (share of each tier's prompts):", ""]
+    lines += [*_markdown(head, cells), "", _tier_line("the pooled runs'", pool.tiers, pool.tier2)
+              + f"; training GetCandidates hit rate {_pct(pool.train_hit_rate)}"]
+    if pool.second_prewarm:
+        lines.append(_prewarm_line("Second teacher's cache", pool.second_prewarm))
+    return lines
+
+
 def format_summary(s: DemoSummary) -> str:
     """The printed table and the lines under it (Markdown, so the same text goes into ``summary.md``)."""
     lines = _table(s)
     lines.append("")
-    for name, (before, opd, brts) in s.sets.items():
+    for name, (before, opd, brts, *pool) in s.sets.items():
         lines.append(f"{SET_LABELS.get(name, name)}: BRTS - OPD: {_signed(brts.mean - opd.mean)}; BRTS - before: "
                      f"{_signed(brts.mean - before.mean)}; OPD - before: {_signed(opd.mean - before.mean)} "
-                     f"({'BRTS >= OPD' if brts.mean >= opd.mean else 'BRTS < OPD'} on this run)")
-    t = s.tiers
-    lines.append(f"Tier composition of the BRTS runs' prompts: Tier 1 {_pct(t['1'])}, Tier 2 {_pct(t['2'])}, "
-                 f"Tier 3 {_pct(t['3'])}, skipped {_pct(t['skip'])}; Tier 2 drawn {s.tier2['drawn']}, "
-                 f"rescued {s.tier2['rescued']}, leaking hints dropped {s.tier2['leaked']}")
+                     f"({'BRTS >= OPD' if brts.mean >= opd.mean else 'BRTS < OPD'} on this run)"
+                     + "".join(f"; pool - BRTS: {_signed(q.mean - brts.mean)}; pool - OPD: "
+                               f"{_signed(q.mean - opd.mean)}" for q in pool))
+    lines.append(_tier_line("the BRTS runs'", s.tiers, s.tier2))
     if s.overlap:
         o = s.overlap
         lines.append(f"Top-K overlap with the live student: chosen candidate {o['chosen']:.3f}, the others "
                      f"{o['others']:.3f} (gap {_signed(o['gap'])}, over {o['steps']:.0f} steps)")
-    p = s.prewarm
-    if p:
-        lines.append(f"Teacher cache: prewarm found {p.get('cache_hits', 0)}/{p.get('prompts', 0)} prompts already "
-                     f"cached, generated {p.get('tokens_generated', 0)} tokens in {p.get('seconds', 0.0):.1f} s; "
-                     f"training GetCandidates hit rate {_pct(s.train_hit_rate)}")
-    else:
-        lines.append(f"Teacher cache: training GetCandidates hit rate {_pct(s.train_hit_rate)}")
+    hits = f"training GetCandidates hit rate {_pct(s.train_hit_rate)}"
+    lines.append(f"{_prewarm_line('Teacher cache', s.prewarm)}; {hits}" if s.prewarm else f"Teacher cache: {hits}")
+    if s.pool:
+        lines += _pool_lines(s.pool)
     if s.timings:
         lines.append("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.timings.items()))
     return "\n".join(lines)

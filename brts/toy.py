@@ -122,10 +122,14 @@ class ToyFitSettings:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-#: The two shipped qualities: a good-but-imperfect teacher and a weak, smaller student.
+#: The shipped qualities: a good-but-imperfect teacher, a weak smaller student, and for ``brts demo --teachers 2``
+#: a second teacher that is stronger (95 % exact match; ~190 s to fit on one core) and answers in
+#: another style ("The answer is 7. \\boxed{7}"), so correctness and closeness to the student (who answers like
+#: the first teacher) pull the pool's choice different ways.
 QUALITIES: dict[str, ToyFitSettings] = {
     "teacher": ToyFitSettings(),
     "student": ToyFitSettings(intermediate_size=128, target_accuracy=0.3, hint_fraction=0.0, seed=1),
+    "second-teacher": ToyFitSettings(target_accuracy=0.95, styles=("answer",), seed=2),
 }
 
 # ---------------------------------------------------------------------------------------------------- fitting
@@ -177,7 +181,8 @@ def fit_toy_teacher(
 
 
 def fit_toy_model(out_dir: str | os.PathLike[str], quality: str = "teacher", **overrides: Any) -> Path:
-    """Fit (or reuse) the ``"teacher"`` or the weak ``"student"`` toy model; overrides go to ToyFitSettings."""
+    """Fit (or reuse) a toy model of one of ``QUALITIES`` (``"teacher"``, the weak ``"student"``, the demo's
+    ``"second-teacher"``); overrides go to ToyFitSettings."""
     if quality not in QUALITIES:
         raise ValueError(f"quality: must be one of {', '.join(QUALITIES)}, got {quality!r}")
     return fit_toy_teacher(out_dir, settings=replace(QUALITIES[quality], **overrides))
