@@ -311,9 +311,10 @@ def _serve_and_prewarm(paths: DemoPaths, s: DemoSettings, servers: dict[str, Ser
     (``default``) its windows with Tier 2, the pool's second teacher its Tier-1 windows only."""
     addresses, prewarms = {}, {}
     for name, server in servers.items():
-        which = "teacher" if name == "default" else f"second teacher ({SECOND_QUALITY}, Tier-1 windows only)"
-        say(f"brts demo: [3/5] starting the {which} server (hf engine, cache {server.cache}, log {server.log}) "
-            f"and prewarming it over the {s.problems} training problems")
+        which = "teacher's server" if name == "default" else "second teacher's server"
+        what = "" if name == "default" else " (its Tier-1 windows: the pool draws Tier 2 from the first teacher)"
+        say(f"brts demo: [3/5] starting the {which} (hf engine, cache {server.cache}, log {server.log}) "
+            f"and prewarming it over the {s.problems} training problems{what}")
         addresses[name] = server.start()
         p = prewarms[name] = prewarm_demo(addresses[name], paths, s, tier2=name == "default")
         say(f"brts demo:   {addresses[name]}: {p['cache_hits']}/{p['prompts']} prompts already cached, "

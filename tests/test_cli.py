@@ -41,6 +41,19 @@ def test_demo_refuses_zero_seeds_and_a_folder_of_other_settings(tmp_path):
     assert unknown.exit_code == 2 and "--task: must be one of default, " in unknown.output
     assert "got 'calculus'" in unknown.output
     assert not (tmp_path / "e").exists()  # refused before anything is written
+    three = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "f"), "--teachers", "3"])
+    assert three.exit_code == 2 and "--teachers" in three.output and not (tmp_path / "f").exists()
+
+
+def test_demo_with_two_teachers_defaults_to_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("brts-demo", "brts-demo-teachers2"):  # both hold a demo of other settings: refused before work
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "demo.json").write_text('{"settings_key": "other", "settings": {"steps": 1}}')
+    two = CliRunner().invoke(main, ["demo", "--teachers", "2"])
+    assert two.exit_code == 1 and "brts-demo-teachers2 holds a demo made with other settings" in two.output
+    one = CliRunner().invoke(main, ["demo"])
+    assert one.exit_code == 1 and "brts-demo holds a demo" in one.output
 
 
 def test_console_script_is_installed():

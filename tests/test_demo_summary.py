@@ -99,3 +99,51 @@ def test_the_overlap_gap_averages_steps_that_have_both_overlaps():
     assert "(gap +0.000, over 2 steps)" in format_summary(tiny)  # never "-0.000"
     s = summarize({"problems": [0.3, 0.3, 0.3]}, runs, [_opd(0.3)] * 3, 4)
     assert "chosen candidate 0.833, the others 0.600 (gap +0.233, over 3 steps)" in format_summary(s)
+
+
+def _pooled(final: float, shares: dict[str, tuple[float, float, float]], tiers=(0.75, 0.25, 0.0, 0.0), prompts=8,
+            overlaps: dict[str, float] | None = None, steps=2):
+    """A pooled BRTS run: per teacher its share of each tier's choices (the trainer's chosen/NAME/tier/T)."""
+    lines = _run(final, tiers=tiers, prompts=prompts, steps=steps)
+    for r in lines:
+        for name, by_tier in shares.items():
+            r.update({f"chosen/{name}/tier/{t}": by_tier[t - 1] for t in (1, 2, 3)})
+            r[f"overlap/chosen/{name}"] = (overlaps or {}).get(name)
+    return lines
+
+
+def test_teacher_shares_rebuild_counts_from_per_step_ratios_weighted_by_prompts():
+    from brts.demo_summary import teacher_shares
+
+    # run a: 8 prompts/step, Tier 1 6 of them (default wrote 4, second 2), Tier 2 2 (all default's): 2 steps
+    a = _pooled(0.3, {"default": (4 / 6, 1.0, None), "second": (2 / 6, 0.0, None)}, overlaps={"default": 0.9,
+                                                                                            "second": 0.5})
+    # run b: 4 prompts/step, all Tier 1, second wrote every one; default never chosen (its overlap line is None)
+    b = _pooled(0.3, {"default": (0.0, None, None), "second": (1.0, None, None)}, tiers=(1.0, 0.0, 0.0, 0.0),
+                prompts=4, overlaps={"second": 0.7})
+    s = teacher_shares([a, b])
+    assert s["default"]["chosen"] == pytest.approx(2 * (4 + 2)) and s["second"]["chosen"] == pytest.approx(2 * 2 + 8)
+    assert s["default"]["all"] == pytest.approx(12 / 24) and s["second"]["all"] == pytest.approx(12 / 24)
+    assert s["default"]["tier1"] == pytest.approx(8 / 20) and s["second"]["tier1"] == pytest.approx(12 / 20)
+    assert s["default"]["tier2"] == 1.0 and s["second"]["tier2"] == 0.0
+    assert math.isnan(s["default"]["tier3"])  # no prompt reached Tier 3
+    assert s["default"]["overlap"] == pytest.approx(0.9)
+    assert s["second"]["overlap"] == pytest.approx((0.5 * 2 + 0.7 * 2) / 4)
+    assert teacher_shares([_run(0.3)]) == {}  # a one-teacher run has no chosen/NAME lines
+
+
+def test_a_pooled_demo_adds_its_row_deltas_and_the_teachers_table():
+    pool = [_pooled(0.5, {"default": (0.5, 1.0, None), "second": (0.5, 0.0, None)}, overlaps={"default": 0.8,
+                                                                                             "second": 0.6})]
+    s = summarize({"problems": [0.3]}, [_run(0.4)], [_opd(0.35)], 4, pool_runs=pool,
+                  second_prewarm={"prompts": 8, "cache_hits": 0, "tokens_generated": 90, "seconds": 2.0})
+    assert [r.label for r in s.sets["problems"]][-1] == "after BRTS, 2-teacher pool"
+    text = format_summary(s)
+    assert "BRTS - OPD: +0.050" in text and "pool - BRTS: +0.100; pool - OPD: +0.150" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| default") or line.startswith("| second")}
+    assert rows["default"] == ["62% (10 prompts)", "50%", "100%", "n/a", "0.800"]
+    assert rows["second"] == ["38% (6 prompts)", "50%", "0%", "n/a", "0.600"]
+    assert "Second teacher's cache: prewarm found 0/8 prompts already cached, generated 90 tokens" in text
+    assert s.as_dict()["pool"]["shares"]["second"]["tier1"] == 0.5
+    assert "pool" not in summarize({"problems": [0.3]}, [_run(0.4)], [_opd(0.35)], 4).as_dict()
