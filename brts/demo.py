@@ -17,6 +17,10 @@ trained on: memorising per-problem facts moves it) and held-out problems of the 
 sees (disjoint by text, fixed by ``problem_seed``): only what generalises moves that one. The settings that decide
 the task (operand range, the fits' response styles, the student's fit) are ``DemoSettings`` fields, so a variant of
 the task is a variant of the settings (``bench/demo_variants.py`` runs the ones tried).
+
+``--teachers 2`` (issue #27) adds a second toy teacher, stronger and answering in another style, on its own server
+and cache, and a third method: BRTS choosing among both teachers' candidates (``candidate_teachers``), so the table
+can say which teacher the rule chose how often, and where.
 """
 
 from __future__ import annotations
@@ -349,8 +353,9 @@ def _caption(s: DemoSettings, seeds: int) -> str:
                f"{s.n_candidates} teacher candidates, Tier 2 on.")
     if s.teachers == 2:
         caption += (f" The pool (`candidate_teachers: [default, {SECOND}]`) picks 1 of 2 x {s.n_candidates}: "
-                    f"`default` is {_describe(s, 'teacher')}, `{SECOND}` {_describe(s, SECOND_QUALITY)}; Tier 2 "
-                    "is drawn from `default` (every prompt's routed teacher) only when all 8 are wrong.")
+                    f"`default` is {_describe(s, 'teacher')}, `{SECOND}` {_describe(s, SECOND_QUALITY)}; Tier 2 is "
+                    f"drawn from `default` (every prompt's routed teacher) only when all {2 * s.n_candidates} are "
+                    "wrong.")
     return caption
 
 
@@ -391,8 +396,8 @@ def _write_outputs(paths: DemoPaths, s: DemoSettings, seeds: int, run_dirs: list
     say("")
     say(caption)
     say(table)
+    caches = (f"the teachers' caches in cache/ and {paths.second_cache.name}/" if s.teachers == 2 else
+              "the teacher's cache in cache/")
     say(f"\nbrts demo: outputs in {paths.out}: summary.md, report/ (plots), runs/ (metrics, checkpoints), "
-        f"eval-before/, logs/; the teacher's cache in cache/"
-        + (f" (the second teacher's in {paths.second_cache.name}/)" if s.teachers == 2 else "")
-        + " (run again: everything is reused; --retrain trains again)")
+        f"eval-before/, logs/; {caches} (run again: everything is reused; --retrain trains again)")
     return summary.as_dict()

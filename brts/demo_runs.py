@@ -37,12 +37,13 @@ POOL: dict[str, dict[str, Any]] = {POOL_METHOD: {
     "teachers": {"default": {"address": "127.0.0.1:50051"}, SECOND: {"address": "127.0.0.1:50052"}},
     "candidate_teachers": ["default", SECOND]}}
 
+_LISTENING = re.compile(r"listening on (\S+:\d+)")
+_CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
 
 def methods(s: DemoSettings) -> dict[str, dict[str, Any]]:
     """The methods this demo trains, in the table's order (the pool only with two teachers)."""
     return {**METHODS, **(POOL if s.teachers == 2 else {})}
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
-_CHILD_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 class DemoError(RuntimeError):
