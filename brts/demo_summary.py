@@ -132,7 +132,8 @@ def overlap_gap(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, float]
 def teacher_shares(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
     """Per teacher of a cross-teacher pool: the share of all chosen candidates it wrote (``all``), of each tier's
     (``tier1``..``tier3``; NaN where no prompt reached that tier), how many prompts that is (``chosen``), and its
-    chosen candidates' mean overlap with the live student (``overlap``; NaN if never chosen where overlap counts).
+    chosen candidates' overlap with the live student (``overlap``: its per-step values averaged over the steps that
+    have one; NaN if never chosen where overlap counts).
 
     A metrics line gives per-step ratios (``chosen/NAME/tier/T``: its share of tier T's choices, ``tier/T``: tier
     T's share of the step's prompts), so the counts are rebuilt as prompts x tier share x teacher share and summed
